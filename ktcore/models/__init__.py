@@ -1,0 +1,1 @@
+"""Model families: configs (``presets``), the HF skeleton on the meta device (``skeleton``)."""

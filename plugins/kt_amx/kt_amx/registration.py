@@ -1,0 +1,36 @@
+"""Registers the ``amx`` backend with ktcore (entry point ``ktcore.backends: amx``)."""
+
+from __future__ import annotations
+
+from ktcore.backends import host
+from ktcore.backends.spec import BackendSpec, OptionSpec
+
+EXTENSION = "kt_amx._kernels"
+
+
+def probe() -> str | None:
+    """Available on x86-64 CPUs with at least AVX2+FMA, once the C kernels are built."""
+    if not host.is_x86_64():
+        return "needs an x86-64 CPU"
+    flags = host.cpu_flags()
+    if not {"avx2", "fma"} <= flags:
+        return "CPU lacks AVX2+FMA (the lowest kernel ISA)"
+    return host.missing_module_reason(EXTENSION, "kt-amx")
+
+
+def register(registry) -> None:
+    registry.add(BackendSpec(
+        name="amx",
+        op="experts",
+        devices=("cpu",),
+        factory="kt_amx.experts:AmxExperts",
+        formats=("dense", "gguf:Q8_0", "gguf:Q4_0", "gguf:Q4_K", "gguf:BF16", "gguf:F16", "gguf:F32"),
+        options=(
+            OptionSpec("format", str, ("bf16", "int8", "int4"), "bf16", "packed weight format"),
+            OptionSpec("group_size", int, (32, 64, 128), 128, "int4/int8 quantisation group"),
+            OptionSpec("symmetric", bool, None, False, "int4 without zero points"),
+            OptionSpec("threads", int, None, None, "worker threads (default: physical cores - 1)"),
+        ),
+        probe=probe,
+        description="CPU routed experts: AMX tiles, AVX-512 BF16/VNNI or AVX2, picked by CPUID",
+    ))

@@ -1,0 +1,1 @@
+"""The shipped YAML rule files, installed as the package ``ktcore.rule_files``."""
