@@ -1,0 +1,286 @@
+"""GQA: grouped-query attention of Qwen3-MoE, Qwen2-MoE, Mixtral (and Qwen2/3, Mistral, Llama).
+
+A core module with a torch implementation and no plugin interface (DESIGN §2). Projections
+keep transformers' names and bias rules (``q_proj``/``k_proj``/``v_proj``/``o_proj``; Qwen3's
+per-head ``q_norm``/``k_norm`` RMSNorm before RoPE), RoPE in the half-split layout, no sliding
+window (a config that enables one is rejected).
+
+Forward convention, the same as ``ktcore.ops.mla``:
+``forward(x[B, T, H], positions[B, T] int64, cache: KVCache, cache_lens[B] int) -> [B, T, H]``.
+The new tokens' roped keys and values are written at ``positions`` (slot = position);
+``cache_lens[b]`` is the number of valid slots of row ``b`` *after* this write. Token (b, t)
+attends to slots ``s <= positions[b, t]`` and ``s < cache_lens[b]``. With ``static=True``
+(default when ``T == 1``, i.e. decode) attention runs over the whole static cache, masked by
+length: capture-safe. Otherwise (prefill) it runs over the first ``max(cache_lens)`` slots,
+which costs one host synchronisation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ktcore.ops.base import Operator
+from ktcore.ops.linear import LinearSpec, TorchLinear, check_options, dense_dtype, dtype_option
+from ktcore.ops.rmsnorm import RMSNorm
+from ktcore.ops.rope import RopeSpec, TorchRope, rope_spec_from_config
+from ktcore.ops.weights import WeightSource
+
+logger = logging.getLogger(__name__)
+
+#: model_type -> (q/k/v bias rule, o bias rule, per-head q/k norm). A rule is a bool or the name
+#: of the config attribute transformers reads (default False when the attribute is absent).
+_FAMILIES: dict[str, tuple[bool | str, bool | str, bool]] = {
+    "qwen3_moe": ("attention_bias", "attention_bias", True),
+    "qwen3": ("attention_bias", "attention_bias", True),
+    "qwen2_moe": ("qkv_bias", False, False),
+    "qwen2": (True, False, False),
+    "mixtral": (False, False, False),
+    "mistral": (False, False, False),
+    "llama": ("attention_bias", "attention_bias", False),
+}
+
+
+@dataclass(frozen=True)
+class GQASpec:
+    """Shapes of one GQA layer: ``num_heads`` query heads share ``num_kv_heads`` K/V heads."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope: RopeSpec
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
+    rms_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_heads", "num_kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GQASpec.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"GQASpec: num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
+        if not isinstance(self.rope, RopeSpec):
+            raise ValueError(f"GQASpec.rope must be a RopeSpec, got {type(self.rope).__name__}")
+        if self.rope.rotary_dim > self.head_dim:
+            raise ValueError(f"GQASpec: rope.rotary_dim {self.rope.rotary_dim} exceeds head_dim {self.head_dim}")
+        if self.rope.interleaved:
+            raise ValueError("GQASpec: these models use the half-split RoPE layout, got interleaved=True")
+        if not self.rms_norm_eps >= 0:
+            raise ValueError(f"GQASpec.rms_norm_eps must be >= 0, got {self.rms_norm_eps}")
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.head_dim ** (-0.5)
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """HF parameter names (relative to ``self_attn``) and their shapes, in load order."""
+        H, D = self.hidden_size, self.head_dim
+        shapes: dict[str, tuple[int, ...]] = {}
+        for name, heads in (("q_proj", self.num_heads), ("k_proj", self.num_kv_heads), ("v_proj", self.num_kv_heads)):
+            shapes[f"{name}.weight"] = (heads * D, H)
+            if self.qkv_bias:
+                shapes[f"{name}.bias"] = (heads * D,)
+        shapes["o_proj.weight"] = (H, self.num_heads * D)
+        if self.o_bias:
+            shapes["o_proj.bias"] = (H,)
+        if self.qk_norm:
+            shapes["q_norm.weight"] = (D,)
+            shapes["k_norm.weight"] = (D,)
+        return shapes
+
+
+def gqa_spec_from_config(hf_config: Any) -> GQASpec:
+    """The spec of a transformers Qwen3-MoE/Qwen2-MoE/Mixtral (or Qwen2/3, Mistral, Llama) config."""
+    model_type = getattr(hf_config, "model_type", "")
+    if model_type not in _FAMILIES:
+        raise ValueError(f"GQA: model_type {model_type!r} is not supported (supported: {', '.join(_FAMILIES)})")
+    qkv_rule, o_rule, qk_norm = _FAMILIES[model_type]
+
+    def bias(rule: bool | str) -> bool:
+        return bool(getattr(hf_config, rule, False)) if isinstance(rule, str) else rule
+
+    layer_types = getattr(hf_config, "layer_types", None) or ()
+    window = getattr(hf_config, "sliding_window", None) if getattr(hf_config, "use_sliding_window", True) else None
+    if window or "sliding_attention" in layer_types:
+        raise ValueError(
+            f"GQA: this {model_type} config enables sliding-window attention (sliding_window={window}), "
+            "which is not implemented; set sliding_window to null (or use_sliding_window to false)"
+        )
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    num_heads = hf_config.num_attention_heads
+    return GQASpec(
+        hidden_size=hf_config.hidden_size,
+        num_heads=num_heads,
+        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+        head_dim=head_dim,
+        rope=rope_spec_from_config(hf_config),
+        qkv_bias=bias(qkv_rule),
+        o_bias=bias(o_rule),
+        qk_norm=qk_norm,
+        rms_norm_eps=float(getattr(hf_config, "rms_norm_eps", 1e-6)),
+    )
+
+
+class KVCache(nn.Module):
+    """Static KV cache of one GQA layer, token-major: k, v: [B, S, nKV, D] (keys roped).
+
+    Slot ``s`` of row ``b`` holds the token at position ``s``. Zero-initialised so that masked
+    slots never contain NaN/inf. The buffers never change address (capture-safe).
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu",
+    ):
+        super().__init__()
+        for name, value in (("batch", batch), ("max_len", max_len), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"KVCache.{name} must be a positive int, got {value!r}")
+        shape = (batch, max_len, n_kv_heads, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @classmethod
+    def for_spec(
+        cls,
+        spec: GQASpec,
+        batch: int,
+        max_len: int,
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu",
+    ) -> "KVCache":
+        return cls(batch, max_len, spec.num_kv_heads, spec.head_dim, dtype, device)
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[1]
+
+    def write(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """positions: [B, T]; k, v: [B, T, nKV, D] -> slots (b, positions[b, t]) of rows b < B.
+        Positions must lie in ``[0, max_len)``."""
+        B, T = positions.shape
+        rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)  # [B, T]
+        self.k.index_put_((rows, positions), k.to(self.k.dtype))
+        self.v.index_put_((rows, positions), v.to(self.v.dtype))
+
+    def reset(self) -> None:
+        self.k.zero_()
+        self.v.zero_()
+
+
+def _visible_slots(positions: torch.Tensor, cache_lens: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """[B, T, S] bool: slot s visible to token (b, t) iff s <= positions[b, t] and s < cache_lens[b]."""
+    slots = torch.arange(kv_len, device=positions.device)  # [S]
+    return (slots <= positions[..., None]) & (slots < cache_lens[:, None, None])
+
+
+class GQAAttention(Operator):
+    """Torch GQA attention; submodules carry transformers' names (``state_dict()`` keys equal
+    the HF ``self_attn`` keys). Options: ``dtype`` (``bf16 | fp16 | fp32``; default the dense
+    sources' dtype, fp32 for GGUF) and ``max_positions`` (RoPE table length).
+
+    ``forward(x[B, T, H], positions[B, T], cache: KVCache, cache_lens[B], static=None) -> [B, T, H]``.
+    Not one of the rule-file operators (``ktcore.ops.OPERATORS``): a core module.
+    """
+
+    op_name = "gqa"
+    option_names = ("dtype", "max_positions")
+
+    def __init__(self, spec: GQASpec, device: str | torch.device = "cpu", options: Mapping[str, Any] | None = None):
+        if not isinstance(spec, GQASpec):
+            raise TypeError(f"{type(self).__name__} needs a GQASpec, got {type(spec).__name__}")
+        super().__init__(spec, device, options)
+        check_options(type(self).__name__, self.options, self.option_names)
+        self.dtype_request = dtype_option(type(self).__name__, self.options)
+        self.rope = TorchRope(spec.rope, self.device, {k: v for k, v in self.options.items() if k == "max_positions"})
+        linear_options = {"dtype": self.options["dtype"]} if "dtype" in self.options else {}
+        H, D = spec.hidden_size, spec.head_dim
+        self.q_proj = TorchLinear(LinearSpec(H, spec.num_heads * D, spec.qkv_bias), self.device, linear_options)
+        self.k_proj = TorchLinear(LinearSpec(H, spec.num_kv_heads * D, spec.qkv_bias), self.device, linear_options)
+        self.v_proj = TorchLinear(LinearSpec(H, spec.num_kv_heads * D, spec.qkv_bias), self.device, linear_options)
+        self.o_proj = TorchLinear(LinearSpec(spec.num_heads * D, H, spec.o_bias), self.device, linear_options)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(D, spec.rms_norm_eps, device=self.device)
+            self.k_norm = RMSNorm(D, spec.rms_norm_eps, device=self.device)
+
+    def weight_names(self) -> tuple[str, ...]:
+        return tuple(self.spec.weight_shapes())
+
+    def expected_shape(self, name: str) -> tuple[int, ...]:
+        shapes = self.spec.weight_shapes()
+        if name not in shapes:
+            raise KeyError(f"{type(self).__name__} has no weight named {name!r}")
+        return shapes[name]
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype = torch.bfloat16) -> KVCache:
+        return KVCache.for_spec(self.spec, batch, max_len, dtype, self.device)
+
+    def pack(self, sources: Mapping[str, WeightSource]) -> None:
+        dtype = self.dtype_request or dense_dtype(sources.values())
+        by_module: dict[str, dict[str, WeightSource]] = {}
+        for name, source in sources.items():
+            module, kind = name.rsplit(".", 1)
+            by_module.setdefault(module, {})[kind] = source
+        for module, module_sources in by_module.items():
+            child = getattr(self, module)
+            if isinstance(child, RMSNorm):
+                weight = module_sources["weight"].to_dense(dtype).to(self.device).contiguous()
+                child.weight = nn.Parameter(weight, requires_grad=False)
+            else:
+                child.load_weights(module_sources)
+        logger.debug("%s packed %s as %s on %s", type(self).__name__, self.spec, dtype, self.device)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        cache_lens: torch.Tensor,
+        static: bool | None = None,
+    ) -> torch.Tensor:
+        if not self.loaded:
+            raise RuntimeError(f"{type(self).__name__}: call load_weights() before forward()")
+        s = self.spec
+        B, T, _ = x.shape
+        nKV, G, D = s.num_kv_heads, s.num_heads // s.num_kv_heads, s.head_dim
+        q = self.q_proj(x).view(B, T, s.num_heads, D)  # q: [B, T, nH, D]
+        k = self.k_proj(x).view(B, T, nKV, D)  # k: [B, T, nKV, D]
+        v = self.v_proj(x).view(B, T, nKV, D)  # v: [B, T, nKV, D]
+        if s.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(q, k, positions)
+        cache.write(positions, k, v)
+
+        cache_lens = cache_lens[:B]
+        if static is None:
+            static = T == 1
+        kv_len = cache.max_len if static else max(int(cache_lens.max()), 1)
+        keys = cache.k[:B, :kv_len].to(x.dtype)  # [B, S, nKV, D]
+        values = cache.v[:B, :kv_len].to(x.dtype)  # [B, S, nKV, D]
+        # query head h = kv_head * G + g uses K/V head kv_head (transformers' repeat_kv)
+        q = q.view(B, T, nKV, G, D)  # q: [B, T, nKV, G, D]
+        scores = torch.einsum("btkgd,bskd->bkgts", q, keys) * s.softmax_scale  # [B, nKV, G, T, S]
+        visible = _visible_slots(positions, cache_lens, kv_len)[:, None, None]  # [B, 1, 1, T, S]
+        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores.float(), dim=-1).to(x.dtype)  # fp32 softmax, as transformers
+        out = torch.einsum("bkgts,bskd->btkgd", probs, values)  # [B, T, nKV, G, D]
+        return self.o_proj(out.reshape(B, T, s.num_heads * D))
