@@ -8,6 +8,9 @@ from ktcore.backends.spec import BackendSpec, OptionSpec
 _DTYPE = OptionSpec("dtype", str, ("bf16", "fp16", "fp32"), None,
                     "compute/storage dtype; default: the weight's dtype (fp32 for GGUF)")
 
+_MAX_POSITIONS = OptionSpec("max_positions", int, None, None,
+                            "length of the RoPE table (default: the model's maximum; the runtime passes its cache length)")
+
 _FACTORIES = {
     "linear": "ktcore.ops.linear:TorchLinear",
     "experts": "ktcore.ops.experts:TorchExperts",
@@ -24,6 +27,7 @@ def register(registry) -> None:
             devices=("cpu", "cuda"),
             factory=factory,
             formats=("dense", "gguf:*"),
-            options=(_DTYPE,) if op != "rope" else (),
+            options={"linear": (_DTYPE,), "experts": (_DTYPE,), "mla": (_DTYPE, _MAX_POSITIONS),
+                     "rope": (_MAX_POSITIONS,)}[op],
             description=f"pure-torch reference {op} (the correctness oracle; GGUF is dequantised at load)",
         ))
