@@ -7,3 +7,12 @@ no side effects and imports nothing heavy.
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    """``ktcore.load`` without importing torch at ``import ktcore``."""
+    if name == "load":
+        from ktcore.runtime.model import load
+
+        return load
+    raise AttributeError(f"module 'ktcore' has no attribute {name!r}")

@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
                      f"({rel:.2g} of the largest logit)")
         verdict = "identical to" if result["tokens_identical"] else "DIFFERENT from"
         lines.append(f"greedy tokens {result['tokens']} ({verdict} transformers)")
-        lines.append(f"forward of {result['prompt_tokens']} tokens: {result['forward_ms']:.1f} ms; "
-                     f"generation: {result['generate_tokens_per_s']:.1f} tokens/s (no KV cache)")
+        t = result["timings"]
+        lines.append(f"logits of {result['prompt_tokens']} tokens: {result['forward_ms']:.1f} ms; "
+                     f"prefill {t['prefill_tokens_per_s']:.0f} tokens/s, decode {t['decode_tokens_per_s']:.1f} tokens/s")
         sys.stdout.write("\n".join(lines) + "\n")
     return 0 if result["tokens_identical"] else 1

@@ -1,0 +1,1 @@
+"""Weight files: safetensors (HF directories) and GGUF, both seen through ``WeightStore``."""

@@ -1,0 +1,218 @@
+"""``Model``: a loaded model with static caches, and ``load()`` that builds one.
+
+``ktcore.load(model, gguf=None, rules=None)`` takes an HF directory (config, tokenizer and
+safetensors), or an HF directory for config and tokenizer plus GGUF weights (as
+KTransformers' ``--model_path``/``--gguf_path``), or a GGUF alone (config and tokenizer from
+its metadata). Without a rule file it uses the family's default for this host.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ktcore.errors import KtError
+from ktcore.runtime.sampling import SamplingParams, sample
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass
+class Timings:
+    """Wall-clock figures of the last ``generate`` call."""
+
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "prefill_tokens": self.prefill_tokens, "prefill_s": self.prefill_s,
+            "prefill_tokens_per_s": self.prefill_tokens / self.prefill_s if self.prefill_s else None,
+            "decode_tokens": self.decode_tokens, "decode_s": self.decode_s,
+            "decode_tokens_per_s": self.decode_tokens / self.decode_s if self.decode_s else None,
+        }
+
+
+@dataclass
+class Model:
+    decoder: "torch.nn.Module"
+    config: object
+    tokenizer: object | None
+    plan: object
+    prefill_chunk: int = 512
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def max_len(self) -> int:
+        return self.decoder.max_len
+
+    def _check_length(self, n: int) -> None:
+        if n > self.max_len:
+            raise KtError(f"sequence of {n} tokens exceeds the cache length {self.max_len} (load with max_seq_len=...)")
+
+    def _prefill(self, ids: torch.Tensor, last_only: bool) -> torch.Tensor:
+        """ids: [T] -> logits [T, V] (or [1, V]); fills the caches in chunks of ``prefill_chunk``."""
+        self.decoder.reset()
+        outputs = []
+        for start in range(0, ids.numel(), self.prefill_chunk):
+            chunk = ids[start:start + self.prefill_chunk][None]  # [1, C]
+            end = start + chunk.shape[1]
+            positions = torch.arange(start, end)[None]  # [1, C]
+            lens = torch.tensor([end])
+            final = end == ids.numel()
+            logits = self.decoder(chunk, positions, lens, last_only=last_only)  # [1, C or 1, V]
+            if final or not last_only:
+                outputs.append(logits[0])
+        return torch.cat(outputs)
+
+    @torch.inference_mode()
+    def logits(self, ids) -> torch.Tensor:
+        """Logits ``[T, vocab]`` (fp32, on the CPU) of every position of ``ids``."""
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        self._check_length(ids.numel())
+        return self._prefill(ids, last_only=False).float().cpu()
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int | None = None, stop_ids=None) -> list[int]:
+        """Generated token ids (the prompt not included); stops early at a stop token
+        (default: the tokenizer's end-of-sequence token), which is included."""
+        params = SamplingParams(temperature, top_p, top_k, seed)
+        ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1)
+        if ids.numel() == 0:
+            raise KtError("the prompt is empty")
+        self._check_length(ids.numel() + max_new_tokens)
+        if stop_ids is None:
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+            stop_ids = [] if eos is None else [eos]
+        stop = set(int(s) for s in stop_ids)
+        device = self.decoder.layer_devices[-1]
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.decoder.model.lm_head.weight.device
+                                        if hasattr(self.decoder.model.lm_head, "weight") else device)
+            generator.manual_seed(seed)
+        self.timings = Timings(prefill_tokens=ids.numel())
+        start = time.perf_counter()
+        logits = self._prefill(ids, last_only=True)[-1:]  # [1, V]
+        token = sample(logits, params, generator)  # [1]
+        out = [int(token)]
+        self.timings.prefill_s = time.perf_counter() - start
+        start = time.perf_counter()
+        position = ids.numel()
+        while len(out) < max_new_tokens and out[-1] not in stop:
+            positions = torch.tensor([[position]])
+            logits = self.decoder(token[:, None].cpu(), positions, torch.tensor([position + 1]))[:, -1]  # [1, V]
+            token = sample(logits, params, generator)
+            out.append(int(token))
+            position += 1
+        self.timings.decode_tokens = len(out) - 1
+        self.timings.decode_s = time.perf_counter() - start
+        return out
+
+
+def _default_rules(arch: str) -> str:
+    return f"{arch}-gpu" if torch.cuda.is_available() else f"{arch}-cpu"
+
+
+def load(model: str | Path | None = None, gguf: str | Path | None = None, rules: str | Path | None = None,
+         dtype: str | torch.dtype | None = None, max_seq_len: int | None = None, registry=None,
+         progress: bool = False, store=None, config=None, tokenizer=None) -> Model:
+    """Loads a model; see the module docstring. ``store``/``config``/``tokenizer`` let callers
+    pass weights already in memory (synthetic models, a transformers model's state)."""
+    from ktcore.backends.registry import Registry
+    from ktcore.rules.placement import ModelInventory, check_rules
+    from ktcore.rules.shipped import resolve_rule_path
+    from ktcore.runtime.build import Builder
+    from ktcore.runtime.decoder import Decoder
+
+    if model is None and gguf is None and store is None:
+        raise KtError("give a model directory, a GGUF file, or both")
+    if config is None:
+        config, tokenizer_from = _config_and_tokenizer(model, gguf)
+        tokenizer = tokenizer if tokenizer is not None else tokenizer_from
+    if store is None:
+        store = _open_store(model, gguf)
+    registry = registry or Registry.from_entry_points()
+    rule_path = resolve_rule_path(str(rules) if rules else _default_rules(config.model_type))
+    inventory = ModelInventory.from_config(config, str(model or gguf or "<memory>"))
+    plan = check_rules(rule_path, registry, inventory)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise KtError(f"unknown dtype {dtype!r}; one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    dtype = dtype or torch.float32
+    max_len = int(max_seq_len or min(getattr(config, "max_position_embeddings", 4096), 4096))
+    _check_memory(plan, dtype)
+    bar = _progress_bar(len(store.names())) if progress else None
+    builder = Builder(config, store, plan, registry, dtype, max_len, (lambda name: bar.update(1)) if bar else None)
+    skeleton = builder.build()
+    if bar is not None:
+        bar.close()
+    decoder = Decoder(skeleton, config, batch=1, max_len=max_len, cache_dtype=dtype)
+    return Model(decoder, config, tokenizer, plan)
+
+
+def _config_and_tokenizer(model, gguf):
+    from ktcore.models.skeleton import load_config
+
+    if model is not None:
+        from transformers import AutoTokenizer
+
+        config = load_config(model)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(model))
+        except (OSError, ValueError) as exc:
+            log.warning("%s: no usable tokenizer (%s); token ids only", model, exc)
+            tokenizer = None
+        return config, tokenizer
+    from ktcore.formats.gguf_read import config_from_gguf, tokenizer_from_gguf
+
+    return config_from_gguf(gguf), tokenizer_from_gguf(gguf)
+
+
+def _open_store(model, gguf):
+    if gguf is not None:
+        from ktcore.formats.gguf_read import GGUFStore
+
+        return GGUFStore(gguf)
+    from ktcore.formats.safetensors_store import SafetensorsStore
+
+    return SafetensorsStore(model)
+
+
+def _check_memory(plan, dtype: torch.dtype) -> None:
+    """Refuses to start loading when the plan's host share exceeds the available memory."""
+    from ktcore.rules.explain import device_totals, rows
+
+    need = device_totals(rows(plan)).get("cpu", 0)
+    need = int(need * torch.finfo(dtype).bits / 16)  # explain counts the checkpoint dtype (bf16)
+    available = _mem_available()
+    if available is not None and need > available:
+        raise KtError(f"not enough host memory: the plan puts {need / 2**30:.1f} GiB of weights on the CPU, "
+                      f"{available / 2**30:.1f} GiB are available")
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="loading weights", unit="tensor")
