@@ -16,7 +16,8 @@ from ktcore import __version__
 from ktcore.errors import KtError
 
 #: Modules that contribute sub-commands, in the order ``kt --help`` lists them.
-COMMAND_MODULES = ("ktcore.cli.backends_cmd", "ktcore.cli.rules_cmd", "ktcore.cli.demo_cmd")
+COMMAND_MODULES = ("ktcore.cli.backends_cmd", "ktcore.cli.rules_cmd", "ktcore.cli.demo_cmd",
+                   "ktcore.cli.generate_cmd", "ktcore.cli.make_model_cmd")
 
 log = logging.getLogger("ktcore")
 
