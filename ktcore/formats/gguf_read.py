@@ -218,7 +218,8 @@ class GGUFStore:
     is rebuilt from the GGUF metadata. Either way every tensor is checked against it up front.
     """
 
-    def __init__(self, path: str | Path, config: Any = None):
+    def __init__(self, path: str | Path, config: Any = None, in_place: bool = False):
+        self.in_place = in_place
         self.paths = split_parts(path)
         n = len(self.paths)
         self.source = str(self.paths[0]) if n == 1 else f"{self.paths[0]} (+{n - 1} more parts)"
@@ -368,9 +369,22 @@ class GGUFStore:
                               f"({self.config.model_type}) expects {list(expected)}")
 
     def _raw(self, gguf_name: str) -> tuple[torch.Tensor, str, tuple[int, ...]]:
-        """Zero-copy torch view of a tensor's data: floats for F32/F16/BF16, uint8 blocks otherwise."""
-        _, info, rt = self._tensors[gguf_name]
+        """A tensor's data: floats for F32/F16/BF16, uint8 blocks otherwise.
+
+        ``in_place`` stores hand out zero-copy views of the memory map (for backends that
+        compute on the mapped blocks); otherwise the bytes are read into fresh memory with
+        plain file reads, so pages of the map never stay resident beside the packed copy.
+        """
+        part, info, rt = self._tensors[gguf_name]
         data = torch.from_numpy(rt.data)  # [rows..., ne0] floats or [rows..., row_bytes] uint8
+        if not self.in_place:
+            fresh = torch.empty(data.shape, dtype=data.dtype)
+            with open(part, "rb", buffering=0) as f:
+                f.seek(int(rt.data_offset))
+                got = f.readinto(memoryview(fresh.numpy()).cast("B"))
+            if got != rt.n_bytes:
+                raise WeightError(f"{part}: tensor {gguf_name!r} ends after {got} of {rt.n_bytes} bytes")
+            data = fresh
         if info.qtype == "BF16":
             data = data.view(torch.bfloat16)
         return data, info.qtype, info.shape

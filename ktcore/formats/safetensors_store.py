@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +93,8 @@ class SafetensorsStore:
         self.dir = Path(model_dir)
         if not self.dir.is_dir():
             raise WeightError(f"{self.dir}: not a directory")
-        self._handles: dict[Path, object] = {}  # shard path -> safe_open handle (memory map)
+        self._handles: dict[Path, object] = {}  # shard path -> safe_open handle (headers, shapes)
+        self._header_cache: dict[Path, dict] = {}
         self._file_of = self._read_layout()  # disk name -> shard path
         shards = sorted(set(self._file_of.values()))
         for path in shards:
@@ -277,12 +279,43 @@ class SafetensorsStore:
             raise WeightError(f"{self.source}: no tensor {name!r}") from None
 
     def _read(self, disk: str, select=None) -> torch.Tensor:
+        """Reads one tensor with plain file reads into fresh memory (no memory map stays
+        resident, so loading holds little more than the weights already packed)."""
         path = self._file_of[disk]
         try:
-            view = self._handles[path].get_slice(disk)
-            return view[:] if select is None else select(view)
-        except Exception as exc:
+            tensor = _pread_tensor(path, self._offsets(path)[disk])
+        except (OSError, ValueError, KeyError) as exc:
             raise WeightError(f"{path}: cannot read tensor {disk!r}: {exc}") from None
+        return tensor if select is None else select(tensor).clone()
+
+    def _offsets(self, path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+        """disk name -> (safetensors dtype, shape, absolute start, byte count), from the header."""
+        if path not in self._header_cache:
+            with open(path, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            self._header_cache[path] = {
+                name: (info["dtype"], tuple(info["shape"]), 8 + size + info["data_offsets"][0],
+                       info["data_offsets"][1] - info["data_offsets"][0])
+                for name, info in header.items() if name != "__metadata__"
+            }
+        return self._header_cache[path]
+
+
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                 "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _pread_tensor(path: Path, entry: tuple[str, tuple[int, ...], int, int]) -> torch.Tensor:
+    dtype_name, shape, start, nbytes = entry
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        got = f.readinto(memoryview(buf.numpy()))
+    if got != nbytes:
+        raise ValueError(f"file ends after {got} of {nbytes} bytes")
+    return buf.view(_TORCH_DTYPES[dtype_name]).reshape(shape)
 
 
 def _num_experts(config) -> int:

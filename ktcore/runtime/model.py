@@ -158,6 +158,9 @@ def load(model: str | Path | None = None, gguf: str | Path | None = None, rules:
     skeleton = builder.build()
     if bar is not None:
         bar.close()
+    if hasattr(store, "close"):
+        store.close()
+    _release_freed_memory()
     decoder = Decoder(skeleton, config, batch=1, max_len=max_len, cache_dtype=dtype)
     return Model(decoder, config, tokenizer, plan)
 
@@ -200,6 +203,19 @@ def _check_memory(plan, dtype: torch.dtype) -> None:
     if available is not None and need > available:
         raise KtError(f"not enough host memory: the plan puts {need / 2**30:.1f} GiB of weights on the CPU, "
                       f"{available / 2**30:.1f} GiB are available")
+
+
+def _release_freed_memory() -> None:
+    """Hands the loading temporaries back to the OS (glibc keeps freed blocks otherwise)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        try:
+            ctypes.CDLL(name).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 def _mem_available() -> int | None:

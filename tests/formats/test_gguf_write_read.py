@@ -115,10 +115,10 @@ def test_write_read_round_trip(tmp_path, arch, qtype):
     assert (back.bos_token_id, back.eos_token_id) == (0, 1)  # from the tokenizer
 
 
-def test_reads_are_zero_copy_views_of_the_map(tmp_path):
+def test_in_place_reads_are_zero_copy_views_of_the_map(tmp_path):
     config, tensors = _weights("qwen3_moe")
     path = write_gguf(tmp_path / "m.gguf", config, None, tensors.items(), "Q8_0")[0]
-    store = GGUFStore(path)
+    store = GGUFStore(path, in_place=True)
     a, b = store.get("model.layers.0.mlp.experts.gate"), store.get("model.layers.0.mlp.experts.gate")
     assert isinstance(a, GGUFWeight) and a.data.data_ptr() == b.data.data_ptr()
     norm = store.get("model.norm.weight")
@@ -126,6 +126,17 @@ def test_reads_are_zero_copy_views_of_the_map(tmp_path):
     assert norm.tensor.data_ptr() == store.get("model.norm.weight").tensor.data_ptr()
     with pytest.raises(WeightError, match="no tensor 'model.layers.9.mlp.gate.weight'"):
         store.get("model.layers.9.mlp.gate.weight")
+
+
+def test_default_reads_are_fresh_copies_equal_to_the_map(tmp_path):
+    config, tensors = _weights("qwen3_moe")
+    path = write_gguf(tmp_path / "m.gguf", config, None, tensors.items(), "Q8_0")[0]
+    mapped, copied = GGUFStore(path, in_place=True), GGUFStore(path)
+    for name in ("model.layers.0.mlp.experts.gate", "model.norm.weight", "model.layers.1.self_attn.q_proj.weight"):
+        a, b = mapped.get(name), copied.get(name)
+        raw_a, raw_b = (a.data, b.data) if isinstance(a, GGUFWeight) else (a.tensor, b.tensor)
+        assert raw_a.data_ptr() != raw_b.data_ptr()
+        assert torch.equal(raw_a, raw_b)
 
 
 def test_tokenizer_round_trip(tmp_path):
