@@ -140,8 +140,8 @@ def load(model: str | Path | None = None, gguf: str | Path | None = None, rules:
     if config is None:
         config, tokenizer_from = _config_and_tokenizer(model, gguf)
         tokenizer = tokenizer if tokenizer is not None else tokenizer_from
-    if store is None:
-        store = _open_store(model, gguf)
+    if store is None:  # every tensor is checked against the config here, before anything is built
+        store = _open_store(model, gguf, config)
     registry = registry or Registry.from_entry_points()
     rule_path = resolve_rule_path(str(rules) if rules else _default_rules(config.model_type))
     inventory = ModelInventory.from_config(config, str(model or gguf or "<memory>"))
@@ -183,14 +183,14 @@ def _config_and_tokenizer(model, gguf):
     return config_from_gguf(gguf), tokenizer_from_gguf(gguf)
 
 
-def _open_store(model, gguf):
+def _open_store(model, gguf, config):
     if gguf is not None:
         from ktcore.formats.gguf_read import GGUFStore
 
-        return GGUFStore(gguf)
+        return GGUFStore(gguf, config=config)
     from ktcore.formats.safetensors_store import SafetensorsStore
 
-    return SafetensorsStore(model)
+    return SafetensorsStore(model, config=config)
 
 
 def _check_memory(plan, dtype: torch.dtype) -> None:
