@@ -21,7 +21,6 @@ a legacy unsplit ``attn_kv_b``, fused ``ffn_gate_up_exps`` and fused ``attn_qkv`
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -298,23 +297,3 @@ def alternatives(spec: GGUFTensorSpec, config: Any) -> list[FusedSlice]:
 def legacy_kv_b_name(spec: GGUFTensorSpec) -> str:
     """The unsplit ``attn_kv_b`` of old DeepSeek GGUFs, for a k_b/v_b spec."""
     return tensor_name(MODEL_TENSOR.ATTN_KV_B, int(spec.name.split(".")[1]))
-
-
-# ------------------------------------------------------------------------- HF -> canonical names
-
-def canonical_from_hf(state_dict: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Canonical ``(name, tensor)`` pairs of a transformers state dict.
-
-    Fused experts ``gate_up_proj [E, 2I, H]`` become ``gate``/``up`` ``[E, I, H]``,
-    ``down_proj [E, H, I]`` becomes ``down``; every other tensor keeps its name.
-    """
-    for name, tensor in state_dict.items():
-        if name.endswith(".mlp.experts.gate_up_proj"):
-            base, inter = name[: -len("gate_up_proj")], tensor.shape[1] // 2
-            yield base + "gate", tensor[:, :inter]
-            yield base + "up", tensor[:, inter:]
-        elif name.endswith(".mlp.experts.down_proj"):
-            yield name[: -len("down_proj")] + "down", tensor
-        else:
-            yield name, tensor
-

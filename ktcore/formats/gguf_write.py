@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter, size_label
-from gguf.quants import quantize
 
 from ktcore.errors import KtError, WeightError
+from ktcore.formats import kquants
 from ktcore.formats.gguf_meta import add_model_metadata, add_tokenizer_metadata
 from ktcore.formats.gguf_names import GGUFTensorSpec, canonical_shapes, gguf_arch, gguf_plan, to_gguf
 from ktcore.ops.weights import GGUF_TYPES, gguf_nbytes
@@ -59,7 +59,7 @@ def encode(tensor: torch.Tensor, qtype: str, name: str = "<tensor>") -> np.ndarr
     x = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
     kind = GGMLQuantizationType[qtype]
     try:
-        return np.ascontiguousarray(quantize(x, kind))
+        return np.ascontiguousarray(kquants.quantize(x, kind))
     except NotImplementedError:
         raise KtError(f"tensor {name!r}: gguf.quants cannot quantise to {qtype} (no quantize_blocks in "
                       f"this gguf version); choose a type it can write, e.g. Q8_0, Q4_0, Q5_0, Q5_1") from None

@@ -7,16 +7,14 @@ tests and ``kt demo``): transformers' fused experts ``gate_up_proj [E, 2I, H]`` 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from ktcore.errors import WeightError
+from ktcore.formats.store import canonical_from_hf
 from ktcore.ops.weights import DenseWeight
-
-_FUSED = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
 
 
 class StateDictStore:
@@ -25,17 +23,7 @@ class StateDictStore:
     def __init__(self, tensors: Mapping[str, torch.Tensor] | nn.Module, source: str = "<state dict>"):
         state = tensors.state_dict() if isinstance(tensors, nn.Module) else dict(tensors)
         self.source = source
-        self._tensors: dict[str, torch.Tensor] = {}
-        for name, tensor in state.items():
-            match = _FUSED.match(name)
-            if match is None:
-                self._tensors[name] = tensor.detach()
-            elif match["kind"] == "down_proj":
-                self._tensors[f"{match['prefix']}.down"] = tensor.detach()
-            else:  # gate_up_proj: [E, 2I, H] -> gate, up: [E, I, H]
-                gate, up = tensor.detach().chunk(2, dim=1)
-                self._tensors[f"{match['prefix']}.gate"] = gate
-                self._tensors[f"{match['prefix']}.up"] = up
+        self._tensors = {name: tensor.detach() for name, tensor in canonical_from_hf(state)}
 
     def names(self) -> list[str]:
         return list(self._tensors)

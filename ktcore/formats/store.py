@@ -13,7 +13,10 @@ Every error names the file and the tensor.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Protocol, runtime_checkable
+
+import torch
 
 from ktcore.ops.weights import WeightSource
 
@@ -46,3 +49,20 @@ class WeightStore(Protocol):
     def get(self, name: str) -> WeightSource:
         """The tensor; raises ``WeightError`` naming the file and tensor when it is missing."""
         ...
+
+
+def canonical_from_hf(state_dict: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Canonical ``(name, tensor)`` pairs of a transformers state dict.
+
+    Fused experts ``gate_up_proj [E, 2I, H]`` become ``gate``/``up`` ``[E, I, H]``,
+    ``down_proj [E, H, I]`` becomes ``down``; every other tensor keeps its name.
+    """
+    for name, tensor in state_dict.items():
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            base, inter = name[: -len("gate_up_proj")], tensor.shape[1] // 2
+            yield base + "gate", tensor[:, :inter]
+            yield base + "up", tensor[:, inter:]
+        elif name.endswith(".mlp.experts.down_proj"):
+            yield name[: -len("down_proj")] + "down", tensor
+        else:
+            yield name, tensor

@@ -20,7 +20,7 @@ from ktcore.backends.registry import Registry, closest
 from ktcore.backends.spec import DEVICE_TYPES, BackendSpec
 from ktcore.errors import BackendError, KtError
 from ktcore.rules.layers import format_ranges
-from ktcore.rules.schema import Problems, Rule, RuleErrors, RuleFile, SplitPart, read_rules
+from ktcore.rules.schema import Problems, Rule, RuleFile, SplitPart, read_rules
 
 if TYPE_CHECKING:  # skeleton imports torch; keep ``import ktcore.rules`` light
     from ktcore.models.skeleton import ModuleInfo

@@ -12,7 +12,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, Keys
 
 from ktcore.errors import KtError, WeightError
-from ktcore.formats.gguf_names import canonical_from_hf
+from ktcore.formats.store import canonical_from_hf
 from ktcore.formats.gguf_read import GGUFStore, config_from_gguf, read_gguf_metadata, tokenizer_from_gguf
 from ktcore.formats.gguf_write import write_gguf
 from ktcore.models.presets import make_config

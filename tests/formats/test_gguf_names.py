@@ -9,7 +9,8 @@ from gguf import (MODEL_ARCH, MODEL_ARCH_NAMES, MODEL_TENSOR, MODEL_TENSORS, TEN
 from gguf.quants import dequantize, quantize
 
 from ktcore.errors import KtError
-from ktcore.formats.gguf_names import (alternatives, canonical_from_hf, canonical_shapes, from_gguf_rows, gguf_arch,
+from ktcore.formats.store import canonical_from_hf
+from ktcore.formats.gguf_names import (alternatives, canonical_shapes, from_gguf_rows, gguf_arch,
                                        gguf_plan, kv_b_from_parts, rope_permutation, to_gguf)
 from ktcore.models.presets import ARCHITECTURES, make_config
 

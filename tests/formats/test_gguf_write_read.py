@@ -19,7 +19,8 @@ from gguf import GGMLQuantizationType, GGUFReader, Keys
 from gguf.quants import dequantize, quantize
 
 from ktcore.errors import KtError, WeightError
-from ktcore.formats.gguf_names import canonical_from_hf, gguf_plan
+from ktcore.formats.gguf_names import gguf_plan
+from ktcore.formats.store import canonical_from_hf
 from ktcore.formats.gguf_read import GGUFStore, config_from_gguf, tokenizer_from_gguf
 from ktcore.formats.gguf_write import write_gguf
 from ktcore.formats.store import WeightStore
