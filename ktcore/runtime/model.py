@@ -95,15 +95,13 @@ class Model:
             eos = getattr(self.tokenizer, "eos_token_id", None)
             stop_ids = [] if eos is None else [eos]
         stop = set(int(s) for s in stop_ids)
-        device = self.decoder.layer_devices[-1]
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.decoder.model.lm_head.weight.device
-                                        if hasattr(self.decoder.model.lm_head, "weight") else device)
-            generator.manual_seed(seed)
         self.timings = Timings(prefill_tokens=ids.numel())
         start = time.perf_counter()
         logits = self._prefill(ids, last_only=True)[-1:]  # [1, V]
+        generator = None
+        if seed is not None:  # on the device that samples
+            generator = torch.Generator(device=logits.device)
+            generator.manual_seed(seed)
         token = sample(logits, params, generator)  # [1]
         out = [int(token)]
         self.timings.prefill_s = time.perf_counter() - start
