@@ -2,7 +2,7 @@
 
 ``write_gguf`` streams: the tensor plan comes from the config (``gguf_names.gguf_plan``), so
 every tensor info (name, shape, type, offset) is written before any data; then each incoming
-tensor is transformed, quantised with ``gguf.quants`` (real blocks) and written at its offset,
+tensor is transformed, quantised (``kquants``/``gguf.quants``: real blocks) and written at its offset,
 one tensor at a time, in whatever order the caller yields them. ``gguf.GGUFWriter`` writes the
 header, metadata and tensor infos (it only holds tensor data when given with ``add_tensor``,
 which this module never calls).
@@ -55,14 +55,13 @@ def tensor_type(spec: GGUFTensorSpec, qtype: str) -> str:
 
 
 def encode(tensor: torch.Tensor, qtype: str, name: str = "<tensor>") -> np.ndarray:
-    """GGUF bytes (or F32/F16 values) of a dense tensor, quantised with ``gguf.quants``."""
+    """GGUF bytes (or F32/F16 values) of a dense tensor: K-quants by ``kquants``, the other types
+    by ``gguf.quants``."""
     x = tensor.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
-    kind = GGMLQuantizationType[qtype]
     try:
-        return np.ascontiguousarray(kquants.quantize(x, kind))
-    except NotImplementedError:
-        raise KtError(f"tensor {name!r}: gguf.quants cannot quantise to {qtype} (no quantize_blocks in "
-                      f"this gguf version); choose a type it can write, e.g. Q8_0, Q4_0, Q5_0, Q5_1") from None
+        return np.ascontiguousarray(kquants.quantize(x, GGMLQuantizationType[qtype]))
+    except (NotImplementedError, ValueError) as exc:
+        raise KtError(f"tensor {name!r}: cannot quantise to {qtype}: {exc}") from None
 
 
 def write_gguf(path: str | Path, config: Any, tokenizer: Any, tensors: Iterable[tuple[str, torch.Tensor]],

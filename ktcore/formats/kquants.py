@@ -36,7 +36,7 @@ The sub-block scales (and mins) are then quantised to 6 bits (Q3_K/Q4_K/Q5_K), 4
 with the scales actually stored, as ggml does. Sub-blocks are laid out value-index-first so
 that every float32 sum runs in ggml's order: the output is byte-identical to ggml's
 reference (``tests/formats/test_kquants.py`` compares with llama-cpp-python's libggml), at
-roughly half the speed of that scalar C code (~100-150 ns per value on one core).
+roughly half the speed of that scalar C code (~100-250 ns per value on one core).
 
 Deliberate deviations, only where ggml's float32 intermediates overflow or underflow (its
 ``x^3``/``x^4`` products in Q3_K/Q6_K for magnitudes around 1e5 and up or 1e-6 and down) or
@@ -77,8 +77,6 @@ def _blocks(x: np.ndarray, name: str) -> tuple[np.ndarray, tuple[int, ...]]:
         raise QuantError(f"Can't quantize tensor with shape {x.shape} to {name}: the last dimension "
                          f"must be a multiple of {QK_K}")
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if not np.isfinite(x).all():
-        raise ValueError(f"cannot quantise non-finite values to {name}")
     type_size = GGML_QUANT_SIZES[GGMLQuantizationType[name]][1]
     out_shape = (*x.shape[:-1], x.shape[-1] // QK_K * type_size)
     return x.reshape(-1, QK_K), out_shape
@@ -290,7 +288,10 @@ def _chunked(fn):
         blocks, out_shape = _blocks(x, name)
         out = np.empty((blocks.shape[0], GGML_QUANT_SIZES[GGMLQuantizationType[name]][1]), dtype=np.uint8)
         for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):
-            out[start:start + _CHUNK_BLOCKS] = fn(blocks[start:start + _CHUNK_BLOCKS])
+            chunk = blocks[start:start + _CHUNK_BLOCKS]
+            if not np.isfinite(chunk).all():
+                raise ValueError(f"cannot quantise non-finite values to {name}")
+            out[start:start + _CHUNK_BLOCKS] = fn(chunk)
         return out.reshape(out_shape)
 
     quantize_array.__name__ = fn.__name__.removeprefix("_")

@@ -29,6 +29,7 @@ from ktcore.ops.base import Operator
 from ktcore.ops.linear import LinearSpec, TorchLinear, check_options, dense_dtype, dtype_option
 from ktcore.ops.rmsnorm import RMSNorm
 from ktcore.ops.rope import RopeSpec, TorchRope, rope_spec_from_config
+from ktcore.ops.static_cache import StaticCache, visible_slots
 from ktcore.ops.weights import WeightSource
 
 logger = logging.getLogger(__name__)
@@ -131,66 +132,23 @@ def gqa_spec_from_config(hf_config: Any) -> GQASpec:
     )
 
 
-class KVCache(nn.Module):
-    """Static KV cache of one GQA layer, token-major: k, v: [B, S, nKV, D] (keys roped).
+class KVCache(StaticCache):
+    """Static KV cache of one GQA layer (see ``StaticCache``): k, v [B, S, nKV, D], keys roped."""
 
-    Slot ``s`` of row ``b`` holds the token at position ``s``. Zero-initialised so that masked
-    slots never contain NaN/inf. The buffers never change address (capture-safe).
-    """
-
-    def __init__(
-        self,
-        batch: int,
-        max_len: int,
-        n_kv_heads: int,
-        head_dim: int,
-        dtype: torch.dtype = torch.bfloat16,
-        device: str | torch.device = "cpu",
-    ):
-        super().__init__()
-        for name, value in (("batch", batch), ("max_len", max_len), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"KVCache.{name} must be a positive int, got {value!r}")
-        shape = (batch, max_len, n_kv_heads, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
+        tail = (n_kv_heads, head_dim)
+        super().__init__(batch, max_len, {"k": tail, "v": tail}, dtype, device,
+                         n_kv_heads=n_kv_heads, head_dim=head_dim)
 
     @classmethod
-    def for_spec(
-        cls,
-        spec: GQASpec,
-        batch: int,
-        max_len: int,
-        dtype: torch.dtype = torch.bfloat16,
-        device: str | torch.device = "cpu",
-    ) -> "KVCache":
+    def for_spec(cls, spec: GQASpec, batch: int, max_len: int, dtype: torch.dtype = torch.bfloat16,
+                 device: str | torch.device = "cpu") -> "KVCache":
         return cls(batch, max_len, spec.num_kv_heads, spec.head_dim, dtype, device)
 
-    @property
-    def batch(self) -> int:
-        return self.k.shape[0]
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[1]
-
     def write(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """positions: [B, T]; k, v: [B, T, nKV, D] -> slots (b, positions[b, t]) of rows b < B.
-        Positions must lie in ``[0, max_len)``."""
-        B, T = positions.shape
-        rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)  # [B, T]
-        self.k.index_put_((rows, positions), k.to(self.k.dtype))
-        self.v.index_put_((rows, positions), v.to(self.v.dtype))
-
-    def reset(self) -> None:
-        self.k.zero_()
-        self.v.zero_()
-
-
-def _visible_slots(positions: torch.Tensor, cache_lens: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """[B, T, S] bool: slot s visible to token (b, t) iff s <= positions[b, t] and s < cache_lens[b]."""
-    slots = torch.arange(kv_len, device=positions.device)  # [S]
-    return (slots <= positions[..., None]) & (slots < cache_lens[:, None, None])
+        """positions: [B, T]; k, v: [B, T, nKV, D]."""
+        self._write(positions, k, v)
 
 
 class GQAAttention(Operator):
@@ -279,7 +237,7 @@ class GQAAttention(Operator):
         # query head h = kv_head * G + g uses K/V head kv_head (transformers' repeat_kv)
         q = q.view(B, T, nKV, G, D)  # q: [B, T, nKV, G, D]
         scores = torch.einsum("btkgd,bskd->bkgts", q, keys) * s.softmax_scale  # [B, nKV, G, T, S]
-        visible = _visible_slots(positions, cache_lens, kv_len)[:, None, None]  # [B, 1, 1, T, S]
+        visible = visible_slots(positions, cache_lens, kv_len)[:, None, None]  # [B, 1, 1, T, S]
         scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores.float(), dim=-1).to(x.dtype)  # fp32 softmax, as transformers
         out = torch.einsum("bkgts,bskd->btkgd", probs, values)  # [B, T, nKV, G, D]

@@ -33,6 +33,7 @@ from ktcore.ops.base import Operator
 from ktcore.ops.linear import LinearSpec, TorchLinear, check_options, dense_dtype, dtype_option
 from ktcore.ops.rmsnorm import RMSNorm
 from ktcore.ops.rope import RopeSpec, TorchRope, rope_spec_from_config, yarn_get_mscale
+from ktcore.ops.static_cache import StaticCache, visible_slots
 from ktcore.ops.weights import WeightSource
 
 logger = logging.getLogger(__name__)
@@ -123,70 +124,23 @@ def mla_spec_from_config(hf_config: Any) -> MLASpec:
     )
 
 
-class MLACache(nn.Module):
-    """Static latent KV cache of one MLA layer, token-major.
+class MLACache(StaticCache):
+    """Static latent KV cache of one MLA layer (see ``StaticCache``): latent [B, S, kv_lora_rank]
+    (after ``kv_a_layernorm``) and k_rope [B, S, rope_dim] (roped), never decompressed K/V."""
 
-    latent: [B, S, kv_lora_rank] (after ``kv_a_layernorm``); k_rope: [B, S, rope_dim] (roped).
-    Slot ``s`` of row ``b`` holds the token at position ``s``. Zero-initialised so that masked
-    slots never contain NaN/inf. The buffers never change address (capture-safe).
-    """
-
-    def __init__(
-        self,
-        batch: int,
-        max_len: int,
-        kv_lora_rank: int,
-        rope_dim: int,
-        dtype: torch.dtype = torch.bfloat16,
-        device: str | torch.device = "cpu",
-    ):
-        super().__init__()
-        sizes = {"batch": batch, "max_len": max_len, "kv_lora_rank": kv_lora_rank, "rope_dim": rope_dim}
-        for name, value in sizes.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"MLACache.{name} must be a positive int, got {value!r}")
-        latent = torch.zeros(batch, max_len, kv_lora_rank, dtype=dtype, device=device)  # [B, S, R]
-        k_rope = torch.zeros(batch, max_len, rope_dim, dtype=dtype, device=device)  # [B, S, Dr]
-        self.register_buffer("latent", latent, persistent=False)
-        self.register_buffer("k_rope", k_rope, persistent=False)
+    def __init__(self, batch: int, max_len: int, kv_lora_rank: int, rope_dim: int,
+                 dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
+        super().__init__(batch, max_len, {"latent": (kv_lora_rank,), "k_rope": (rope_dim,)}, dtype, device,
+                         kv_lora_rank=kv_lora_rank, rope_dim=rope_dim)
 
     @classmethod
-    def for_spec(
-        cls,
-        spec: MLASpec,
-        batch: int,
-        max_len: int,
-        dtype: torch.dtype = torch.bfloat16,
-        device: str | torch.device = "cpu",
-    ) -> "MLACache":
+    def for_spec(cls, spec: MLASpec, batch: int, max_len: int, dtype: torch.dtype = torch.bfloat16,
+                 device: str | torch.device = "cpu") -> "MLACache":
         return cls(batch, max_len, spec.kv_lora_rank, spec.qk_rope_head_dim, dtype, device)
 
-    @property
-    def batch(self) -> int:
-        return self.latent.shape[0]
-
-    @property
-    def max_len(self) -> int:
-        return self.latent.shape[1]
-
     def write(self, positions: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
-        """positions: [B, T]; latent: [B, T, R]; k_rope: [B, T, Dr] -> slots (b, positions[b, t]).
-        Rows ``b < B`` of the cache; positions must lie in ``[0, max_len)``."""
-        B, T = positions.shape
-        rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)  # [B, T]
-        self.latent.index_put_((rows, positions), latent.to(self.latent.dtype))
-        self.k_rope.index_put_((rows, positions), k_rope.to(self.k_rope.dtype))
-
-    def reset(self) -> None:
-        self.latent.zero_()
-        self.k_rope.zero_()
-
-
-def visible_slots(positions: torch.Tensor, cache_lens: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """[B, T, S] bool: slot ``s`` is visible to token (b, t) iff ``s <= positions[b, t]`` and
-    ``s < cache_lens[b]``."""
-    slots = torch.arange(kv_len, device=positions.device)  # [S]
-    return (slots <= positions[..., None]) & (slots < cache_lens[:, None, None])
+        """positions: [B, T]; latent: [B, T, R]; k_rope: [B, T, Dr]."""
+        self._write(positions, latent, k_rope)
 
 
 def masked_softmax(scores: torch.Tensor, visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -199,16 +199,19 @@ def test_k_quant_fallbacks(tmp_path, qtype, fallback):
     assert types["blk.0.ffn_up_exps.weight"] == fallback and types["blk.0.attn_q.bias"] == "F32"
 
 
-def test_k_quant_rows_need_a_quantiser(tmp_path):
-    """Rows of 256: no fallback, so gguf.quants must quantise Q4_K itself (0.19 only dequantises)."""
+def test_k_quant_rows_are_written_as_k_quants(tmp_path):
+    """Rows of 256: no fallback; ktcore's own K-quant quantiser writes the Q4_K blocks."""
     config, tensors = _weights("qwen3_moe", hidden_size=256)
-    try:
-        path = write_gguf(tmp_path / "m.gguf", config, None, tensors.items(), "Q4_K")[0]
-    except KtError as exc:
-        assert "cannot quantise to Q4_K" in str(exc)
-        assert list(tmp_path.iterdir()) == []  # nothing left behind
-    else:
-        assert _file_types(path)["token_embd.weight"] == "Q4_K"
+    path = write_gguf(tmp_path / "m.gguf", config, None, tensors.items(), "Q4_K")[0]
+    assert _file_types(path)["token_embd.weight"] == "Q4_K"
+
+
+def test_unquantisable_values_leave_no_file_behind(tmp_path):
+    config, tensors = _weights("qwen3_moe", hidden_size=256)
+    tensors["model.layers.0.mlp.experts.gate"][0, 0, 0] = float("nan")  # rows of 256: a Q4_K tensor
+    with pytest.raises(KtError, match="ffn_gate_exps.*cannot quantise non-finite values to Q4_K"):
+        write_gguf(tmp_path / "m.gguf", config, None, tensors.items(), "Q4_K")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("qtype", ["F32", "BF16", "Q8_0"])
