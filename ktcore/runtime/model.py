@@ -151,6 +151,7 @@ def load(model: str | Path | None = None, gguf: str | Path | None = None, rules:
     dtype = dtype or torch.float32
     max_len = int(max_seq_len or min(getattr(config, "max_position_embeddings", 4096), 4096))
     _check_memory(plan, dtype)
+    _libc_call("mallopt", _M_MMAP_THRESHOLD, 1 << 20)
     bar = _progress_bar(len(store.names())) if progress else None
     builder = Builder(config, store, plan, registry, dtype, max_len, (lambda name: bar.update(1)) if bar else None)
     skeleton = builder.build()
@@ -158,7 +159,7 @@ def load(model: str | Path | None = None, gguf: str | Path | None = None, rules:
         bar.close()
     if hasattr(store, "close"):
         store.close()
-    _release_freed_memory()
+    _libc_call("malloc_trim", 0)
     decoder = Decoder(skeleton, config, batch=1, max_len=max_len, cache_dtype=dtype)
     return Model(decoder, config, tokenizer, plan)
 
@@ -203,17 +204,22 @@ def _check_memory(plan, dtype: torch.dtype) -> None:
                       f"{available / 2**30:.1f} GiB are available")
 
 
-def _release_freed_memory() -> None:
-    """Hands the loading temporaries back to the OS (glibc keeps freed blocks otherwise)."""
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def _libc_call(name: str, *args: int) -> None:
+    """Allocator hints for streaming a model in: ``mallopt(M_MMAP_THRESHOLD, 1 MiB)`` keeps
+    glibc from raising its mmap threshold as large buffers are freed (which would leave the
+    loading temporaries fragmenting the heap), and ``malloc_trim(0)`` hands freed memory back
+    after loading. A no-op where the C library is not glibc."""
     import ctypes
     import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    if name:
-        try:
-            ctypes.CDLL(name).malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
+    library = ctypes.util.find_library("c")
+    try:
+        getattr(ctypes.CDLL(library), name)(*args)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 def _mem_available() -> int | None:
