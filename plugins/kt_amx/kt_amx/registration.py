@@ -24,10 +24,10 @@ def register(registry) -> None:
         op="experts",
         devices=("cpu",),
         factory="kt_amx.experts:AmxExperts",
-        formats=("dense", "gguf:Q8_0", "gguf:Q4_0", "gguf:Q4_K", "gguf:BF16", "gguf:F16", "gguf:F32"),
+        formats=("dense", "gguf:*"),  # Q8_0/Q4_0/Q4_K exactly; others only with an explicit format
         options=(
             OptionSpec("format", str, ("bf16", "int8", "int4"), "bf16", "packed weight format"),
-            OptionSpec("group_size", int, (32, 64, 128), 128, "int4/int8 quantisation group"),
+            OptionSpec("group_size", int, (0, 32, 64, 128), 128, "int4/int8 group along k; 0 = per output channel (int8)"),
             OptionSpec("symmetric", bool, None, False, "int4 without zero points"),
             OptionSpec("threads", int, None, None, "worker threads (default: physical cores - 1)"),
         ),

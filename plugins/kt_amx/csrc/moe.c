@@ -1,0 +1,480 @@
+/* One MoE layer's routed experts: descriptor checks, the workspace, and the phases of a
+ * forward (see kt_job.h). Kernels come from the selected kt_isa_ops table.
+ *
+ * Row order: the (token, k) pairs routed to owned experts are sorted by expert (stable, in
+ * token order) and each expert's block of rows is padded to a multiple of 16 with zero rows,
+ * so that an expert's activations are contiguous rows (an AMX A operand) and each phase item
+ * writes rows no other item writes. Every buffer is sized from T and K (kt_moe_reserve).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "kt_job.h"
+
+#define KT_MCH 256 /* rows of one gate/up chunk (per-thread scratch) */
+#define KT_QCH 4   /* tokens per quantise item */
+#define KT_RCH 16  /* rows per gather / quantise-h item */
+#define KT_TCH 4   /* tokens per reduce item */
+
+struct kt_moe {
+    kt_layer d;
+    kt_fmt fmt;
+    kt_mat gate, up, down;
+    int32_t *slot_of; /* own copy, [n_experts + 1] */
+    uint8_t *ws;
+    size_t ws_bytes;
+    int32_t amx_min_rows;
+};
+
+static int32_t ceil_div(int32_t a, int32_t b) { return (a + b - 1) / b; }
+static int32_t min32(int32_t a, int32_t b) { return a < b ? a : b; }
+
+int64_t kt_matrix_weight_bytes(int32_t format, int32_t n, int32_t k) {
+    if (n <= 0 || k <= 0) return -1;
+    switch (format) {
+    case KT_FMT_BF16: return (int64_t)n * k * 2;
+    case KT_FMT_INT8: return (int64_t)n * k;
+    case KT_FMT_INT4: return (int64_t)n * k / 2;
+    default: return -1;
+    }
+}
+
+int64_t kt_matrix_scale_bytes(int32_t format, int32_t n, int32_t k, int32_t group, int32_t scale_f32) {
+    if (format == KT_FMT_BF16) return 0;
+    if (format != KT_FMT_INT8 && format != KT_FMT_INT4) return -1;
+    if (group == 0) group = k;
+    if (n <= 0 || k <= 0 || group <= 0 || k % group || n % KT_PANEL) return -1;
+    return (int64_t)n * (k / group) * (scale_f32 ? 4 : 2);
+}
+
+static int make_mat(const kt_layer *d, const kt_matrix *src, const char *name, int32_t n, int32_t k, kt_mat *m,
+                    char *err, int32_t err_len) {
+    if (src->n != n || src->k != k) {
+        snprintf(err, err_len, "%s: shape [%d, %d], expected [%d, %d]", name, src->n, src->k, n, k);
+        return 0;
+    }
+    if (n % 32 || k % 32) {
+        snprintf(err, err_len, "%s: dimensions [%d, %d] must be multiples of 32", name, n, k);
+        return 0;
+    }
+    const int32_t group = d->format == KT_FMT_BF16 ? k : (d->group == 0 ? k : d->group);
+    if (group <= 0 || group % 32 || k % group) {
+        snprintf(err, err_len, "%s: group %d must be a multiple of 32 dividing %d", name, group, k);
+        return 0;
+    }
+    if (!src->w || (d->format != KT_FMT_BF16 && !src->scale)) {
+        snprintf(err, err_len, "%s: missing packed weights or scales", name);
+        return 0;
+    }
+    if (d->format == KT_FMT_INT4 && !d->symmetric && !src->zmin) {
+        snprintf(err, err_len, "%s: affine int4 needs mins", name);
+        return 0;
+    }
+    m->w = src->w;
+    m->scale = d->format == KT_FMT_BF16 ? NULL : src->scale;
+    m->zmin = d->format == KT_FMT_INT4 && !d->symmetric ? src->zmin : NULL;
+    m->n = n, m->k = k, m->group = group, m->ngroups = k / group;
+    m->w_panel = kt_matrix_weight_bytes(d->format, KT_PANEL, k);
+    m->w_slot = m->w_panel * (n / KT_PANEL);
+    m->s_panel = d->format == KT_FMT_BF16 ? 0 : (int64_t)KT_PANEL * m->ngroups * (d->scale_f32 ? 4 : 2);
+    m->s_slot = m->s_panel * (n / KT_PANEL);
+    return 1;
+}
+
+kt_moe *kt_moe_create(const kt_layer *d, char *err, int32_t err_len) {
+    char dummy[8];
+    if (!err || err_len <= 0) err = dummy, err_len = sizeof dummy;
+    err[0] = 0;
+    if (d->format != KT_FMT_BF16 && d->format != KT_FMT_INT8 && d->format != KT_FMT_INT4) {
+        snprintf(err, err_len, "unknown format %d", d->format);
+        return NULL;
+    }
+    if (d->act < KT_ACT_SILU || d->act > KT_ACT_RELU) {
+        snprintf(err, err_len, "unknown activation %d", d->act);
+        return NULL;
+    }
+    if (d->n_experts <= 0 || d->n_slots <= 0 || d->n_slots > d->n_experts || !d->slot_of) {
+        snprintf(err, err_len, "bad expert counts (E=%d, owned=%d)", d->n_experts, d->n_slots);
+        return NULL;
+    }
+    kt_moe *m = calloc(1, sizeof *m);
+    m->d = *d;
+    if (!make_mat(d, &d->gate, "gate", d->inter, d->hidden, &m->gate, err, err_len) ||
+        !make_mat(d, &d->up, "up", d->inter, d->hidden, &m->up, err, err_len) ||
+        !make_mat(d, &d->down, "down", d->hidden, d->inter, &m->down, err, err_len)) {
+        free(m);
+        return NULL;
+    }
+    m->slot_of = malloc(sizeof(int32_t) * ((size_t)d->n_experts + 1));
+    for (int32_t e = 0; e <= d->n_experts; e++) {
+        const int32_t s = e < d->n_experts ? d->slot_of[e] : -1;
+        if (s < -1 || s >= d->n_slots) {
+            snprintf(err, err_len, "slot_of[%d] = %d is not a slot of %d owned experts", e, s, d->n_slots);
+            free(m->slot_of);
+            free(m);
+            return NULL;
+        }
+        m->slot_of[e] = s;
+    }
+    m->d.slot_of = m->slot_of;
+    m->fmt.format = d->format;
+    m->fmt.scale_f32 = d->scale_f32 ? 1 : 0;
+    m->fmt.zero = d->format == KT_FMT_INT8 ? 128 : (d->format == KT_FMT_INT4 && d->symmetric ? 8 : 0);
+    m->fmt.has_min = d->format == KT_FMT_INT4 && !d->symmetric;
+    const char *env = getenv("KT_AMX_MIN_ROWS");
+    /* AMX tiles from 9 rows: up to 8 rows the vector kernel reads each panel once as well. */
+    m->amx_min_rows = env && atoi(env) > 0 ? atoi(env) : 9;
+    return m;
+}
+
+void kt_moe_destroy(kt_moe *m) {
+    if (!m) return;
+    free(m->ws);
+    free(m->slot_of);
+    free(m);
+}
+
+size_t kt_moe_workspace_bytes(const kt_moe *m) { return m->ws_bytes; }
+
+/* Carves the workspace for T tokens x top-k K; base NULL only measures. Returns its size. */
+static size_t ws_layout(const kt_moe *m, int32_t T, int32_t K, int32_t threads, uint8_t *base, kt_ws *ws) {
+    const int32_t H = m->d.hidden, I = m->d.inter, n = m->d.n_slots;
+    const int32_t P = T * K;
+    const int32_t elem = m->d.format == KT_FMT_BF16 ? 4 : 1; /* widest activation element of any ISA */
+    const int32_t gx = m->gate.ngroups, gi = m->down.ngroups;
+    size_t off = 0;
+#define KT_TAKE(field, type, count)                                          \
+    do {                                                                     \
+        ws->field = (type *)(base ? base + off : NULL);                      \
+        off += (size_t)kt_round_up((int64_t)(count) * (int64_t)sizeof(type), KT_ALIGN); \
+    } while (0)
+    ws->rmax = P + 15 * min32(n, P);
+    ws->xrow = kt_round_up((int64_t)H * elem, KT_ALIGN);
+    ws->hrow = kt_round_up((int64_t)I * elem, KT_ALIGN);
+    ws->scratch_bytes = kt_round_up(2 * KT_MCH * KT_PANEL * 4 + kt_amx_scratch_bytes(H > I ? H : I), KT_ALIGN);
+    KT_TAKE(tk_row, int32_t, P);
+    KT_TAKE(counts, int32_t, n);
+    KT_TAKE(fill, int32_t, n);
+    KT_TAKE(row_off, int32_t, n);
+    KT_TAKE(active, int32_t, 3 * (int64_t)n);
+    KT_TAKE(pair_token, int32_t, ws->rmax);
+    KT_TAKE(xq, uint8_t, (int64_t)T * ws->xrow);
+    KT_TAKE(xs, float, (int64_t)T * gx);
+    KT_TAKE(xsum, int32_t, (int64_t)T * gx);
+    KT_TAKE(xa, uint8_t, (int64_t)ws->rmax * ws->xrow);
+    KT_TAKE(xas, float, (int64_t)ws->rmax * gx);
+    KT_TAKE(xasum, int32_t, (int64_t)ws->rmax * gx);
+    KT_TAKE(h, float, (int64_t)ws->rmax * I);
+    KT_TAKE(hq, uint8_t, (int64_t)ws->rmax * ws->hrow);
+    KT_TAKE(hs, float, (int64_t)ws->rmax * gi);
+    KT_TAKE(hsum, int32_t, (int64_t)ws->rmax * gi);
+    KT_TAKE(ypair, float, (int64_t)ws->rmax * H);
+    KT_TAKE(scratch, uint8_t, (int64_t)threads * ws->scratch_bytes);
+#undef KT_TAKE
+    return off;
+}
+
+static int32_t pool_threads_or_one(void) {
+    const int n = kt_pool_size();
+    return n > 0 ? n : 1;
+}
+
+int kt_moe_reserve(kt_moe *m, int32_t T, int32_t K) {
+    if (T < 0 || K <= 0) return -1;
+    kt_ws probe;
+    const size_t need = ws_layout(m, T, K, pool_threads_or_one(), NULL, &probe);
+    if (need <= m->ws_bytes) return 0;
+    void *p = NULL;
+    if (posix_memalign(&p, 4096, need ? need : KT_ALIGN) != 0) return -1;
+    free(m->ws);
+    m->ws = p;
+    m->ws_bytes = need;
+    return 0;
+}
+
+/* --------------------------------------------------------------------------- jobs */
+
+kt_job *kt_job_create(void) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, sizeof(kt_job)) != 0) return NULL;
+    memset(p, 0, sizeof(kt_job));
+    return p;
+}
+
+void kt_job_destroy(kt_job *job) {
+    if (!job) return;
+    kt_pool_forget_job(job);
+    free(job);
+}
+
+int kt_job_set(kt_job *job, kt_moe *moe, int32_t T, int32_t K, const void *x, int32_t x_dtype, const void *ids,
+               int32_t ids_int64, const float *w, void *y, int32_t n_threads) {
+    if (!job || !moe || T < 0 || K <= 0 || (x_dtype != KT_DT_F32 && x_dtype != KT_DT_BF16)) return -1;
+    if (T > 0 && (!x || !ids || !w || !y)) return -1;
+    job->moe = moe;
+    job->T = T, job->K = K;
+    job->x = x, job->x_dtype = x_dtype;
+    job->ids = ids, job->ids_int64 = ids_int64 ? 1 : 0;
+    job->w = w, job->y = y;
+    job->n_threads = n_threads;
+    job->is_set = 1;
+    return 0;
+}
+
+int kt_job_prepare(kt_job *job, int32_t pool_threads) {
+    job->ops = kt_isa_ops_selected();
+    if (!job->ops) return KT_E_NO_ISA;
+    if (job->kind != KT_JOB_MOE) {
+        job->nw = job->n_threads > 0 && job->n_threads < pool_threads ? job->n_threads : pool_threads;
+        memset(job->n_items, 0, sizeof job->n_items);
+        job->n_items[0] = job->nw;
+        atomic_store(&job->bench_ops, 0);
+        return KT_OK;
+    }
+    if (!job->is_set) return KT_E_NOT_SET;
+    kt_moe *m = job->moe;
+    const size_t need = ws_layout(m, job->T, job->K, pool_threads, m->ws, &job->ws);
+    if (need > m->ws_bytes || (!m->ws && job->T > 0)) return KT_E_WORKSPACE;
+    if (m->d.format == KT_FMT_BF16 && job->ops->level == KT_ISA_AVX2) {
+        job->ws.hq = (uint8_t *)job->ws.h; /* fp32 activations: h is already in kernel format */
+        job->ws.hrow = (int64_t)m->d.inter * 4;
+    }
+    job->nw = job->n_threads > 0 && job->n_threads < pool_threads ? job->n_threads : pool_threads;
+    job->use_amx_min = m->amx_min_rows;
+    job->n_rows = job->n_active = 0;
+    memset(job->n_items, 0, sizeof job->n_items);
+    if (job->T > 0) job->n_items[KT_PH_ROUTE_QUANT] = 1 + ceil_div(job->T, KT_QCH);
+    return KT_OK;
+}
+
+/* Panels per work item: enough items to balance the workers (about 16 each), few enough that
+ * taking an item (one atomic on a shared line) stays cheap next to streaming its panels. */
+static int32_t panels_per_item(int32_t n_active, int32_t panels, int32_t nw) {
+    const int64_t per = (int64_t)n_active * panels / (16 * (int64_t)(nw > 0 ? nw : 1));
+    return per < 1 ? 1 : (per > 8 ? 8 : (int32_t)per);
+}
+
+static void route(kt_job *j) {
+    kt_moe *m = j->moe;
+    kt_ws *w = &j->ws;
+    const int32_t E = m->d.n_experts, n = m->d.n_slots, T = j->T, K = j->K, P = T * K;
+    int bad = 0;
+    memset(w->counts, 0, sizeof(int32_t) * (size_t)n);
+    for (int32_t p = 0; p < P; p++) {
+        const int64_t id = j->ids_int64 ? ((const int64_t *)j->ids)[p] : ((const int32_t *)j->ids)[p];
+        int32_t s = -1;
+        if (id >= 0 && id <= E)
+            s = m->slot_of[id];
+        else
+            bad = 1;
+        w->tk_row[p] = s;
+        if (s >= 0) w->counts[s]++;
+    }
+    int32_t rows = 0, na = 0;
+    for (int32_t s = 0; s < n; s++) {
+        w->fill[s] = 0;
+        w->row_off[s] = rows;
+        if (!w->counts[s]) continue;
+        w->active[3 * na] = s, w->active[3 * na + 1] = rows, w->active[3 * na + 2] = w->counts[s];
+        na++;
+        rows += (int32_t)kt_round_up(w->counts[s], KT_PANEL);
+    }
+    for (int32_t p = 0; p < P; p++) {
+        const int32_t s = w->tk_row[p];
+        if (s < 0) continue;
+        const int32_t r = w->row_off[s] + w->fill[s]++;
+        w->pair_token[r] = p / K;
+        w->tk_row[p] = r;
+    }
+    for (int32_t a = 0; a < na; a++)
+        for (int32_t r = w->active[3 * a + 1] + w->active[3 * a + 2]; r % KT_PANEL; r++) w->pair_token[r] = -1;
+    if (bad) atomic_fetch_or(&j->status, KT_E_IDS);
+    j->n_rows = rows;
+    j->n_active = na;
+    const int alias_h = (uint8_t *)w->h == w->hq;
+    const int32_t npI = m->d.inter / KT_PANEL, npH = m->d.hidden / KT_PANEL;
+    j->ppi_I = panels_per_item(na, npI, j->nw);
+    j->ppi_H = panels_per_item(na, npH, j->nw);
+    j->n_items[KT_PH_GATHER] = ceil_div(rows, KT_RCH);
+    j->n_items[KT_PH_GATE_UP] = na * ceil_div(npI, j->ppi_I);
+    j->n_items[KT_PH_QUANT_H] = alias_h ? 0 : ceil_div(rows, KT_RCH);
+    j->n_items[KT_PH_DOWN] = na * ceil_div(npH, j->ppi_H);
+    j->n_items[KT_PH_REDUCE] = ceil_div(T, KT_TCH);
+}
+
+static void quantize_x(kt_job *j, int32_t item) {
+    kt_moe *m = j->moe;
+    kt_ws *w = &j->ws;
+    const int32_t t0 = (item - 1) * KT_QCH, t1 = min32(j->T, t0 + KT_QCH), H = m->d.hidden;
+    const int64_t esz = j->x_dtype == KT_DT_F32 ? 4 : 2;
+    const int32_t gx = m->gate.ngroups;
+    j->ops->quantize(&m->fmt, H, m->gate.group, (const uint8_t *)j->x + (int64_t)t0 * H * esz, j->x_dtype, H,
+                     w->xq + t0 * w->xrow, w->xrow, w->xs + (int64_t)t0 * gx, w->xsum + (int64_t)t0 * gx, gx, t1 - t0);
+}
+
+static void gather_x(kt_job *j, int32_t item) {
+    kt_moe *m = j->moe;
+    kt_ws *w = &j->ws;
+    const int32_t r0 = item * KT_RCH, r1 = min32(j->n_rows, r0 + KT_RCH), gx = m->gate.ngroups;
+    const size_t bytes = (size_t)m->d.hidden * kt_act_elem_bytes(m->d.format, j->ops->level);
+    const int is_int = m->d.format != KT_FMT_BF16;
+    for (int32_t r = r0; r < r1; r++) {
+        const int32_t t = w->pair_token[r];
+        uint8_t *dst = w->xa + r * w->xrow;
+        if (t >= 0) {
+            memcpy(dst, w->xq + t * w->xrow, bytes);
+            if (is_int) {
+                memcpy(w->xas + (int64_t)r * gx, w->xs + (int64_t)t * gx, sizeof(float) * gx);
+                memcpy(w->xasum + (int64_t)r * gx, w->xsum + (int64_t)t * gx, sizeof(int32_t) * gx);
+            }
+        } else {
+            memset(dst, 0, bytes);
+            if (is_int) {
+                memset(w->xas + (int64_t)r * gx, 0, sizeof(float) * gx);
+                memset(w->xasum + (int64_t)r * gx, 0, sizeof(int32_t) * gx);
+            }
+        }
+    }
+}
+
+static void gate_up_panel(kt_job *j, int32_t a, int32_t p, int32_t worker);
+
+static void gate_up(kt_job *j, int32_t item, int32_t worker) {
+    const int32_t npI = j->moe->d.inter / KT_PANEL, per = ceil_div(npI, j->ppi_I);
+    const int32_t a = item / per, p0 = (item % per) * j->ppi_I, p1 = min32(npI, p0 + j->ppi_I);
+    for (int32_t p = p0; p < p1; p++) gate_up_panel(j, a, p, worker);
+}
+
+static void gate_up_panel(kt_job *j, int32_t a, int32_t p, int32_t worker) {
+    kt_moe *m = j->moe;
+    kt_ws *w = &j->ws;
+    const kt_isa_ops *ops = j->ops;
+    const int32_t slot = w->active[3 * a], off = w->active[3 * a + 1], cnt = w->active[3 * a + 2];
+    const int32_t I = m->d.inter;
+    uint8_t *scratch = w->scratch + worker * w->scratch_bytes;
+    float *sg = (float *)scratch, *su = sg + KT_MCH * KT_PANEL;
+    uint8_t *amx_scratch = (uint8_t *)(su + KT_MCH * KT_PANEL);
+    const kt_act A = {w->xa, w->xrow, w->xas, w->xasum, m->gate.ngroups};
+    const int use_amx = ops->gemm_amx && cnt >= j->use_amx_min;
+    for (int32_t m0 = 0; m0 < cnt; m0 += KT_MCH) {
+        const int32_t mc = min32(KT_MCH, cnt - m0);
+        if (use_amx) {
+            const int32_t mp = (int32_t)kt_round_up(mc, KT_PANEL);
+            ops->gemm_amx(&m->fmt, &m->gate, slot, p, 1, &A, off + m0, mp, sg, KT_PANEL, amx_scratch);
+            ops->gemm_amx(&m->fmt, &m->up, slot, p, 1, &A, off + m0, mp, su, KT_PANEL, amx_scratch);
+        } else {
+            ops->gemm(&m->fmt, &m->gate, slot, p, 1, &A, off + m0, mc, sg, KT_PANEL);
+            ops->gemm(&m->fmt, &m->up, slot, p, 1, &A, off + m0, mc, su, KT_PANEL);
+        }
+        ops->act_mul(m->d.act, w->h + (int64_t)(off + m0) * I + p * KT_PANEL, I, sg, su, KT_PANEL, mc, KT_PANEL);
+    }
+}
+
+static void quantize_h(kt_job *j, int32_t item) {
+    kt_moe *m = j->moe;
+    kt_ws *w = &j->ws;
+    const int32_t r0 = item * KT_RCH, r1 = min32(j->n_rows, r0 + KT_RCH), I = m->d.inter, gi = m->down.ngroups;
+    const size_t bytes = (size_t)I * kt_act_elem_bytes(m->d.format, j->ops->level);
+    for (int32_t r = r0; r < r1; r++) {
+        uint8_t *dst = w->hq + r * w->hrow;
+        if (w->pair_token[r] >= 0) {
+            j->ops->quantize(&m->fmt, I, m->down.group, w->h + (int64_t)r * I, KT_DT_F32, I, dst, w->hrow, w->hs + (int64_t)r * gi,
+                             w->hsum + (int64_t)r * gi, gi, 1);
+        } else {
+            memset(dst, 0, bytes);
+            memset(w->hs + (int64_t)r * gi, 0, sizeof(float) * gi);
+            memset(w->hsum + (int64_t)r * gi, 0, sizeof(int32_t) * gi);
+        }
+    }
+}
+
+static void down(kt_job *j, int32_t item, int32_t worker) {
+    kt_moe *m = j->moe;
+    kt_ws *w = &j->ws;
+    const kt_isa_ops *ops = j->ops;
+    const int32_t H = m->d.hidden, npH = H / KT_PANEL, per = ceil_div(npH, j->ppi_H);
+    const int32_t a = item / per, p0 = (item % per) * j->ppi_H, np = min32(npH - p0, j->ppi_H);
+    const int32_t slot = w->active[3 * a], off = w->active[3 * a + 1], cnt = w->active[3 * a + 2];
+    const kt_act A = {w->hq, w->hrow, w->hs, w->hsum, m->down.ngroups};
+    float *out = w->ypair + (int64_t)off * H + p0 * KT_PANEL;
+    if (ops->gemm_amx && cnt >= j->use_amx_min) {
+        uint8_t *amx_scratch = w->scratch + worker * w->scratch_bytes + 2 * KT_MCH * KT_PANEL * 4;
+        ops->gemm_amx(&m->fmt, &m->down, slot, p0, np, &A, off, (int32_t)kt_round_up(cnt, KT_PANEL), out, H,
+                      amx_scratch);
+    } else {
+        ops->gemm(&m->fmt, &m->down, slot, p0, np, &A, off, cnt, out, H);
+    }
+}
+
+static void bench_item(kt_job *j, int32_t item) {
+    if (j->kind == KT_JOB_BENCH_PEAK) {
+        atomic_fetch_add(&j->bench_ops, j->ops->peak_int8(j->bench_iters));
+        return;
+    }
+    const int64_t share = j->bench_bytes / j->nw / 64 * 64;
+    static volatile uint64_t sink;
+    sink ^= j->ops->read_sum(j->bench_p + item * share, share);
+}
+
+void kt_job_item(kt_job *j, int32_t phase, int32_t item, int32_t worker) {
+    if (j->kind != KT_JOB_MOE) {
+        bench_item(j, item);
+        return;
+    }
+    switch (phase) {
+    case KT_PH_ROUTE_QUANT:
+        if (item == 0)
+            route(j);
+        else
+            quantize_x(j, item);
+        break;
+    case KT_PH_GATHER: gather_x(j, item); break;
+    case KT_PH_GATE_UP: gate_up(j, item, worker); break;
+    case KT_PH_QUANT_H: quantize_h(j, item); break;
+    case KT_PH_DOWN: down(j, item, worker); break;
+    case KT_PH_REDUCE: {
+        const int32_t t0 = item * KT_TCH, t1 = min32(j->T, t0 + KT_TCH);
+        j->ops->reduce(j->y, j->x_dtype, j->moe->d.hidden, j->ws.ypair, j->ws.tk_row, j->w, j->K, t0, t1);
+        break;
+    }
+    default: break;
+    }
+}
+
+/* ------------------------------------------------------------------ public job API */
+
+int kt_submit(kt_job *job) {
+    kt_init();
+    return kt_pool_submit_job(job);
+}
+
+int kt_wait(kt_job *job) { return kt_pool_wait_job(job); }
+
+int kt_run(kt_job *job) {
+    const int s = kt_submit(job);
+    return s != KT_OK ? s : kt_wait(job);
+}
+
+void kt_host_submit(void *job) { (void)kt_submit((kt_job *)job); }
+
+void kt_host_wait(void *job) { (void)kt_wait((kt_job *)job); }
+
+double kt_pool_bench(int32_t kind, const void *p, int64_t bytes, int64_t iters, int32_t n_threads, int64_t *ops) {
+    if (kind != KT_JOB_BENCH_READ && kind != KT_JOB_BENCH_PEAK) return -1.0;
+    kt_job *job = kt_job_create();
+    job->kind = kind;
+    job->bench_p = p;
+    job->bench_bytes = bytes;
+    job->bench_iters = iters;
+    job->n_threads = n_threads;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    const int status = kt_run(job);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    if (ops) *ops = atomic_load(&job->bench_ops);
+    kt_job_destroy(job);
+    if (status != KT_OK) return -1.0;
+    return (double)(t1.tv_sec - t0.tv_sec) + 1e-9 * (double)(t1.tv_nsec - t0.tv_nsec);
+}
