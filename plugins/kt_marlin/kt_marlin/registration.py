@@ -17,12 +17,20 @@ _FORMAT = OptionSpec("format", str, ("bf16", "int8", "int4"), "bf16", "weight fo
 _GROUP = OptionSpec("group_size", int, (32, 64, 128), 128, "int4 quantisation group")
 
 
-def probe() -> str | None:
-    """Needs a CUDA GPU of compute capability 8.0 or newer, and Triton."""
-    reason = host.cuda_unavailable_reason(min_capability=(8, 0))
-    if reason is None and importlib.util.find_spec("triton") is None:
-        reason = "triton is not installed"
-    return reason
+def probe_for(factory: str):
+    """The probe of one operator: a CUDA GPU of compute capability 8.0 or newer, Triton, and
+    the operator's kernel module."""
+    module = factory.partition(":")[0]
+
+    def probe() -> str | None:
+        reason = host.cuda_unavailable_reason(min_capability=(8, 0))
+        if reason is None and importlib.util.find_spec("triton") is None:
+            reason = "triton is not installed"
+        if reason is None and importlib.util.find_spec(module) is None:
+            reason = f"this kt-marlin version has no {module} kernels yet"
+        return reason
+
+    return probe
 
 
 def register(registry) -> None:
@@ -34,6 +42,6 @@ def register(registry) -> None:
             factory=factory,
             formats=("dense", "gguf:*"),
             options=(_FORMAT, _GROUP) if op in ("linear", "experts") else (),
-            probe=probe,
+            probe=probe_for(factory),
             description=f"Triton GPU {op}, capture-safe",
         ))
