@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from ktcore.ops.base import Operator
 from ktcore.ops.linear import LinearSpec, TorchLinear, check_options, dense_dtype, dtype_option
-from ktcore.ops.rmsnorm import RMSNorm
+from ktcore.ops.rmsnorm import RMSNorm, load_submodule_weights
 from ktcore.ops.rope import RopeSpec, TorchRope, rope_spec_from_config
 from ktcore.ops.static_cache import StaticCache, visible_slots
 from ktcore.ops.weights import WeightSource
@@ -194,17 +193,7 @@ class GQAAttention(Operator):
 
     def pack(self, sources: Mapping[str, WeightSource]) -> None:
         dtype = self.dtype_request or dense_dtype(sources.values())
-        by_module: dict[str, dict[str, WeightSource]] = {}
-        for name, source in sources.items():
-            module, kind = name.rsplit(".", 1)
-            by_module.setdefault(module, {})[kind] = source
-        for module, module_sources in by_module.items():
-            child = getattr(self, module)
-            if isinstance(child, RMSNorm):
-                weight = module_sources["weight"].to_dense(dtype).to(self.device).contiguous()
-                child.weight = nn.Parameter(weight, requires_grad=False)
-            else:
-                child.load_weights(module_sources)
+        load_submodule_weights(self, sources, dtype)
         logger.debug("%s packed %s as %s on %s", type(self).__name__, self.spec, dtype, self.device)
 
     def forward(

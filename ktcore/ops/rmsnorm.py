@@ -60,3 +60,20 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}"
+
+
+def load_submodule_weights(owner: nn.Module, sources, dtype: torch.dtype) -> None:
+    """Loads ``{"child.weight": source, ...}`` into ``owner``'s children of those names: RMSNorm
+    weights directly (in ``dtype``, on the norm's device), operators through their own
+    ``load_weights``. Used by the attention modules, whose children keep transformers' names."""
+    by_child: dict[str, dict] = {}
+    for name, source in sources.items():
+        child, kind = name.rsplit(".", 1)
+        by_child.setdefault(child, {})[kind] = source
+    for child_name, child_sources in by_child.items():
+        child = getattr(owner, child_name)
+        if isinstance(child, RMSNorm):
+            weight = child_sources["weight"].to_dense(dtype).to(child.weight.device).contiguous()
+            child.weight = nn.Parameter(weight, requires_grad=False)
+        else:
+            child.load_weights(child_sources)
