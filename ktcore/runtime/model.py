@@ -50,6 +50,7 @@ class Model:
     plan: object
     prefill_chunk: int = 512
     timings: Timings = field(default_factory=Timings)
+    graph_step: object = None  # GraphDecodeStep once captured
 
     @property
     def max_len(self) -> int:
@@ -81,11 +82,29 @@ class Model:
         self._check_length(ids.numel())
         return self._prefill(ids, last_only=False).float().cpu()
 
+    def _decode_step(self, use_graph: bool | None):
+        """The decode step: a captured CUDA graph where the plan allows one (``use_graph`` None:
+        whenever it does), else the eager decoder."""
+        from ktcore.runtime.cuda_graph import GraphDecodeStep, graph_device
+
+        device = graph_device(self.plan) if use_graph is not False else None
+        if use_graph and device is None:
+            raise KtError("decode graphs need every module on one CUDA device in this version")
+        if device is None:
+            def eager(token, position):
+                positions = torch.tensor([[position]])
+                return self.decoder(token[:, None].cpu(), positions, torch.tensor([position + 1]))[:, -1]
+            return eager
+        if self.graph_step is None:
+            self.graph_step = GraphDecodeStep(self.decoder, device)
+        return self.graph_step.step
+
     @torch.inference_mode()
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | None = None, stop_ids=None) -> list[int]:
+                 top_k: int = 0, seed: int | None = None, stop_ids=None, use_graph: bool | None = None) -> list[int]:
         """Generated token ids (the prompt not included); stops early at a stop token
-        (default: the tokenizer's end-of-sequence token), which is included."""
+        (default: the tokenizer's end-of-sequence token), which is included. ``use_graph``:
+        replay the decode step as a CUDA graph (None: when every module is on one GPU)."""
         params = SamplingParams(temperature, top_p, top_k, seed)
         ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1)
         if ids.numel() == 0:
@@ -95,6 +114,7 @@ class Model:
             eos = getattr(self.tokenizer, "eos_token_id", None)
             stop_ids = [] if eos is None else [eos]
         stop = set(int(s) for s in stop_ids)
+        step = self._decode_step(use_graph)
         self.timings = Timings(prefill_tokens=ids.numel())
         start = time.perf_counter()
         logits = self._prefill(ids, last_only=True)[-1:]  # [1, V]
@@ -108,8 +128,7 @@ class Model:
         start = time.perf_counter()
         position = ids.numel()
         while len(out) < max_new_tokens and out[-1] not in stop:
-            positions = torch.tensor([[position]])
-            logits = self.decoder(token[:, None].cpu(), positions, torch.tensor([position + 1]))[:, -1]  # [1, V]
+            logits = step(token, position)  # [1, V]
             token = sample(logits, params, generator)
             out.append(int(token))
             position += 1

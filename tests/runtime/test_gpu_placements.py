@@ -1,6 +1,7 @@
 """On the GPU host: the shipped GPU rule files (attention and dense layers on the GPU, routed
 experts on the CPU), the hybrid split and, with two GPUs, the multi-GPU files give the CPU
-run's logits and greedy tokens. Run there with: .venv/bin/python -m pytest -q -m cuda"""
+run's logits and greedy tokens; a decode step captured as a CUDA graph gives the eager tokens.
+Run there with: bash scripts/gpu_host_tests.sh"""
 
 from __future__ import annotations
 
@@ -34,3 +35,24 @@ def test_gpu_placements_match_the_cpu_run(arch, placement):
     want, got = cpu.logits(prompt), gpu.logits(prompt)
     assert (got - want).abs().max() <= LOGIT_TOL * want.abs().max()
     assert gpu.generate(prompt, 32, stop_ids=[]) == cpu.generate(prompt, 32, stop_ids=[])
+
+
+ALL_ON_GPU = """\
+default_device: cuda:0
+rules:
+  - match: {module: mlp.experts}
+    replace: {op: experts, backend: torch, device: cuda:0}
+"""
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_captured_decode_gives_the_eager_tokens(arch, tmp_path):
+    rules = tmp_path / "all-gpu.yaml"
+    rules.write_text(ALL_ON_GPU)
+    model = _load(arch, rules)
+    prompt = torch.randint(3, model.config.vocab_size, (9,), generator=torch.Generator().manual_seed(6))
+    eager = model.generate(prompt, 64, stop_ids=[], use_graph=False)
+    graphed = model.generate(prompt, 64, stop_ids=[], use_graph=True)
+    assert model.graph_step is not None
+    assert graphed == eager
+    assert model.generate(prompt, 64, stop_ids=[]) == eager  # the captured graph is reused
