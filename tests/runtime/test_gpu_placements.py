@@ -17,10 +17,10 @@ pytestmark = pytest.mark.cuda
 LOGIT_TOL = 1e-4  # of the largest |logit|, fp32
 
 
-def _load(arch, rules):
+def _load(arch, rules, max_seq_len=64):
     config = make_config(arch)
     return ktcore.load(store=SyntheticWeights(config, seed=2, dtype=torch.float32), config=config,
-                       rules=rules, dtype="fp32", max_seq_len=64)
+                       rules=rules, dtype="fp32", max_seq_len=max_seq_len)
 
 
 @pytest.mark.parametrize("placement", ["gpu", "hybrid", "multi-gpu"])
@@ -49,7 +49,7 @@ rules:
 def test_captured_decode_gives_the_eager_tokens(arch, tmp_path):
     rules = tmp_path / "all-gpu.yaml"
     rules.write_text(ALL_ON_GPU)
-    model = _load(arch, rules)
+    model = _load(arch, rules, max_seq_len=80)
     prompt = torch.randint(3, model.config.vocab_size, (9,), generator=torch.Generator().manual_seed(6))
     eager = model.generate(prompt, 64, stop_ids=[], use_graph=False)
     graphed = model.generate(prompt, 64, stop_ids=[], use_graph=True)
