@@ -5,7 +5,7 @@ An ``ExpertsJob`` is bound once to fixed buffers (static, pinned tensors in a CU
 ``x [T, H]``, ``topk_ids [T, K]``, ``topk_weights [T, K]`` and ``y [T, H]``. For graph capture
 the C functions ``kt_host_submit`` / ``kt_host_wait`` have the ``void (*)(void *)`` signature of
 a CUDA host function; ``host_functions()`` gives their addresses and ``address`` the user data,
-for ``cudaLaunchHostFunc(stream, fn, job)`` (the launcher lives with the GPU runtime).
+for ``cudaLaunchHostFunc(stream, fn, job)``: ``kt_amx.cuda_host`` enqueues them on a torch stream.
 """
 
 from __future__ import annotations
