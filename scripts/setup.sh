@@ -17,6 +17,8 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # directory instead of pulling several GB of CUDA packages.
 "${PIP[@]}" "torch==${TORCH_VERSION:-2.13.0}"
 "${PIP[@]}" -e ".[test]" cffi
+# Triton for kt-marlin's kernels: on a CPU-only host its tests run them in the interpreter.
+"${PIP[@]}" triton
 "${PIP[@]}" --no-deps -e plugins/kt_amx -e plugins/kt_llamafile -e plugins/kt_marlin -e examples/kt_example_plugin
 
 if [ "${KT_WITH_LLAMACPP:-0}" = 1 ]; then

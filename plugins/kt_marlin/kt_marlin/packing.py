@@ -1,0 +1,143 @@
+"""Packed weight formats of ``MarlinLinear`` and how each is built (once, at load).
+
+Layout (``out`` rows N, ``in`` columns K, groups of G along K, all row-major, K contiguous):
+
+- ``int4``: ``qweight`` int32 ``[N, K // 8]`` (nibble ``j`` of word ``w`` is column ``8w + j``),
+  ``scales`` and ``offsets`` ``[N, K // G]``: ``w[n, k] = scale * q + offset`` (affine).
+  A program of the GEMV kernel reads a ``[BLOCK_N, BLOCK_K / 8]`` tile of words whose rows
+  are contiguous runs of ``BLOCK_K / 2`` bytes: each thread loads 16 bytes (4 words, 32
+  weights) and neighbouring threads neighbouring 16-byte vectors, so the loads are coalesced.
+- ``int8``: ``qweight`` int8 ``[N, K]``, ``scales`` ``[N, K // G]``: ``w = scale * q``.
+
+Scales/offsets are fp16 when that is exact and fp32 otherwise (Q4_K: ``d * sc`` has 17
+significant bits). Exact conversions (DESIGN §7): Q4_0 (``d``, ``-8 d``), Q4_1 (``d``, ``m``),
+Q4_K (``d sc``, ``-dmin m``, groups of 32) to int4; Q8_0 (``d``) to int8. Dense weights are
+quantised (round to nearest, per-group min/max for int4, absmax for int8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+EXACT_INT4 = ("Q4_0", "Q4_1", "Q4_K")
+EXACT_INT8 = ("Q8_0",)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """One packed weight: ``bits`` 4 or 8, ``group`` along K, tensors on one device."""
+
+    bits: int
+    group: int
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    offsets: torch.Tensor | None
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ValueError(f"Packed.bits must be 4 or 8, got {self.bits}")
+        if (self.bits == 4) != (self.offsets is not None):
+            raise ValueError("int4 needs offsets, int8 has none")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n, words = self.qweight.shape
+        return n, words * (8 if self.bits == 4 else 1)
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """fp32 scales as fp16 when every value survives the round trip exactly."""
+    half = t.to(torch.float16)
+    return half if torch.equal(half.to(torch.float32), t) else t
+
+
+def pack_int4(q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, group: int) -> Packed:
+    """q ``[N, K]`` integers in 0..15, fp32 scales/offsets ``[N, K // group]``."""
+    n, k = q.shape
+    nib = q.to(torch.int64).reshape(n, k // 8, 8) << (4 * torch.arange(8, device=q.device))
+    words = nib.sum(-1)  # 0 .. 2^32-1
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return Packed(4, group, words.contiguous(), _compact(scales.float()).contiguous(),
+                  _compact(offsets.float()).contiguous())
+
+
+def pack_int8(q: torch.Tensor, scales: torch.Tensor, group: int) -> Packed:
+    return Packed(8, group, q.to(torch.int8).contiguous(), _compact(scales.float()).contiguous(), None)
+
+
+def unpack(p: Packed) -> torch.Tensor:
+    """The fp32 weight ``[N, K]`` a packed weight represents (the kernels' exact values)."""
+    n, k = p.shape
+    if p.bits == 4:
+        shifts = 4 * torch.arange(8, device=p.qweight.device, dtype=torch.int32)
+        q = ((p.qweight.unsqueeze(-1) >> shifts) & 15).reshape(n, k).float()
+    else:
+        q = p.qweight.float()
+    s = p.scales.float().repeat_interleave(p.group, dim=1)
+    w = s * q
+    if p.offsets is not None:
+        w = w + p.offsets.float().repeat_interleave(p.group, dim=1)
+    return w
+
+
+def quantize_dense(w: torch.Tensor, bits: int, group: int) -> Packed:
+    """Round-to-nearest group-wise quantisation of a dense ``[N, K]`` weight."""
+    n, k = w.shape
+    if k % group:
+        raise ValueError(f"in_features {k} is not a multiple of group_size {group}")
+    g = w.float().reshape(n, k // group, group)
+    if bits == 8:
+        scale = g.abs().amax(-1) / 127
+        scale = scale.to(torch.float16).float()
+        q = torch.where(scale[..., None] > 0, torch.round(g / scale[..., None]), 0).clamp(-127, 127)
+        return pack_int8(q.reshape(n, k), scale, group)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).to(torch.float16).float()
+    offset = lo.to(torch.float16).float()
+    q = torch.where(scale[..., None] > 0, torch.round((g - offset[..., None]) / scale[..., None]), 0).clamp(0, 15)
+    return pack_int4(q.reshape(n, k), scale, offset, group)
+
+
+def _blocks(data: torch.Tensor, rows: int, type_size: int) -> np.ndarray:
+    return data.reshape(-1).cpu().numpy().reshape(rows, -1, type_size)
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+
+
+def from_gguf(data: torch.Tensor, qtype: str, shape: tuple[int, int], device) -> Packed:
+    """Exact int4/int8 packing of GGUF ``Q4_0 | Q4_1 | Q4_K | Q8_0`` blocks of a ``[N, K]`` weight."""
+    n, k = shape
+    if qtype == "Q8_0":
+        b = _blocks(data, n, 34)
+        d = _f16(b[..., 0:2])
+        q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(n, k)
+        return pack_int8(torch.from_numpy(q).to(device), torch.from_numpy(d).to(device), 32)
+    if qtype in ("Q4_0", "Q4_1"):
+        head = 2 if qtype == "Q4_0" else 4
+        b = _blocks(data, n, head + 16)
+        d = _f16(b[..., 0:2])
+        m = -8 * d if qtype == "Q4_0" else _f16(b[..., 2:4])
+        qs = b[..., head:]
+        q = np.concatenate([qs & 15, qs >> 4], axis=-1).reshape(n, k)
+        return pack_int4(torch.from_numpy(q).to(device), torch.from_numpy(d).to(device),
+                         torch.from_numpy(m).to(device), 32)
+    if qtype == "Q4_K":
+        from gguf.quants import Q4_K
+
+        b = _blocks(data, n, 144)
+        nb = b.shape[1]
+        d = _f16(b[..., 0:2])[..., None]
+        dmin = _f16(b[..., 2:4])[..., None]
+        sc, mn = Q4_K.get_scale_min(np.ascontiguousarray(b[..., 4:16]).reshape(-1, 12))
+        scale = d * sc.reshape(n, nb, 8).astype(np.float32)  # exact: 11 x 6 bits
+        offset = -(dmin * mn.reshape(n, nb, 8).astype(np.float32))
+        qs = b[..., 16:].reshape(n, nb, 4, 1, 32)
+        q = np.concatenate([qs & 15, qs >> 4], axis=3).reshape(n, k)
+        return pack_int4(torch.from_numpy(q).to(device), torch.from_numpy(scale.reshape(n, -1)).to(device),
+                         torch.from_numpy(offset.reshape(n, -1)).to(device), 32)
+    raise ValueError(f"GGUF {qtype} has no exact int4/int8 form (exact: {', '.join(EXACT_INT4 + EXACT_INT8)})")
