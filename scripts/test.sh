@@ -9,4 +9,14 @@ src=$(ls -d .cache/llamacpp/llama_cpp_python-*/vendor/llama.cpp 2>/dev/null | he
 if [ -z "${KT_LLAMACPP_SRC:-}" ] && [ -n "$src" ]; then
     export KT_LLAMACPP_SRC=$PWD/$src
 fi
-exec .venv/bin/python -m pytest -q "$@"
+# kt-marlin's Triton-interpreter tests run in a process of their own: after the kt-amx and
+# core suites in one process, Triton's interpreter fails to patch tl.* inside kt-marlin's
+# matmul kernel ("Cannot call @triton.jit'd outside of the scope of a kernel"); each part
+# passes alone, and the cause is not found yet.
+if [ $# -gt 0 ]; then  # a chosen selection runs as asked
+    exec .venv/bin/python -m pytest -q "$@"
+fi
+status=0
+.venv/bin/python -m pytest -q --ignore=plugins/kt_marlin || status=$?
+.venv/bin/python -m pytest -q plugins/kt_marlin || status=$?
+exit "$status"

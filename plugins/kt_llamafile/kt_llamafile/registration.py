@@ -7,15 +7,14 @@ from ktcore.backends.spec import BackendSpec, OptionSpec
 
 EXTENSION = "kt_llamafile._kernels"
 _FORMATS = ("gguf:*", "dense")
-_THREADS = OptionSpec("threads", int, None, None, "worker threads (default: kt-amx's pool or physical cores - 1)")
+_THREADS = OptionSpec("threads", int, None, None, "worker threads of its own pool (default: physical cores - 1)")
 
 
 def probe() -> str | None:
-    """Available on x86-64 CPUs with AVX2+FMA, once the C kernels are built."""
+    """Available on x86-64 CPUs once the C kernels are built (AVX-512 VNNI or AVX2+FMA kernels
+    are picked at run time; other x86-64 CPUs get the portable scalar kernels, correct but slow)."""
     if not host.is_x86_64():
         return "needs an x86-64 CPU"
-    if not {"avx2", "fma"} <= host.cpu_flags():
-        return "CPU lacks AVX2+FMA"
     return host.missing_module_reason(EXTENSION, "kt-llamafile")
 
 
@@ -30,5 +29,5 @@ def register(registry) -> None:
             formats=_FORMATS,
             options=(_THREADS,),
             probe=probe,
-            description=f"CPU {op} on GGUF blocks in place (Q2_K..Q8_0, BF16/F16/F32), AVX-512 or AVX2",
+            description=f"CPU {op} on GGUF blocks in place (Q2_K..Q8_0, BF16/F16/F32), AVX-512 VNNI, AVX2 or scalar",
         ))

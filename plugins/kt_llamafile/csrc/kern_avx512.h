@@ -1,0 +1,452 @@
+/* AVX-512 kernels (KTL_ISA == 2: F, BW, VL, VNNI). Included by kernels.c only.
+ *
+ * Tiles of RM = 4 weight rows x RN = 4 tokens (K types: 1 row x 8 tokens), one zmm accumulator
+ * each; with one token, one row at a time (kernels.c) and two accumulator sets.
+ *  - float types: 16 weights per step converted to fp32 (F16 vcvtph2ps, BF16 a shift), FMA.
+ *  - 32-element types: two blocks per zmm; codes decoded to unsigned bytes in element order,
+ *    vpdpbusd with the int8 activations; the code offset (8, 16, or 128 for Q8_0, whose int8
+ *    codes are flipped to unsigned by xor 0x80) is folded into the dot's start value as
+ *    -offset * (block sum of the activations) in one lane per block; the result is scaled by
+ *    d_w * d_x per block lane and accumulated in fp32. Q4_1/Q5_1 add m * d_x * block sum.
+ *  - K types: a 256 block is four zmm of unsigned codes (Q4_K/Q5_K in the group order
+ *    0 2 1 3 4 6 5 7 in which the nibbles unpack, matched by the activations); vpmaddubsw (codes <= 63, so no
+ *    saturation) then vpdpwssd with the per-16/32 integer scales gives one int32 sum per block;
+ *    offsets (Q3_K 4, Q6_K 32) and mins (Q2_K, Q4_K, Q5_K) come from the activations' 16-sums:
+ *    sum_g corr[g] * bsum[g] by vpmaddwd. One fp32 FMA per block and token.
+ */
+#include <immintrin.h>
+
+#define RM 4
+#define RN 4
+/* K types: one weight row x 8 tokens (a decoded 256 block is 8 zmm, used for 8 tokens; 8
+ * accumulators; 4 x 4 spilled its accumulators) */
+#ifndef KRM
+#define KRM 1
+#endif
+#ifndef KRN
+#define KRN 8
+#endif
+
+/* Software prefetch this many bytes ahead in each weight row (0: leave it to the hardware) */
+#ifndef KTL_PREFETCH
+#define KTL_PREFETCH 0
+#endif
+#ifndef KTL_PREFETCH_HINT
+#define KTL_PREFETCH_HINT _MM_HINT_NTA
+#endif
+#if KTL_PREFETCH > 0
+#define PREFETCH_AHEAD(p) _mm_prefetch((const char *)(p) + KTL_PREFETCH, KTL_PREFETCH_HINT)
+#else
+#define PREFETCH_AHEAD(p) ((void)0)
+#endif
+
+KTL_INLINE float h2f(const uint8_t *p) { return _cvtsh_ss(ktl_ld16(p)); }
+
+KTL_INLINE __m512i idx_const(const int16_t *v) { return _mm512_loadu_si512((const void *)v); }
+
+/* ---------------------------------------------------------------- activation quantisation */
+
+/* Same results as the scalar version: max(a, m) keeps m when a is NaN, min/max with the
+ * constant first keep NaN, which is then replaced by 0; cvtps2dq rounds to nearest even. */
+KTL_INLINE void quant_block(const float *x, int n, int8_t *q, float *d_out, int32_t *sum16) {
+    __m512 amax = _mm512_setzero_ps();
+    for (int i = 0; i < n; i += 16) amax = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i)), amax);
+    float am = _mm512_reduce_max_ps(amax);
+    float idf = am > 0.0f ? 127.0f / am : 0.0f;
+    __m512 id = _mm512_set1_ps(idf), hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+    for (int i = 0; i < n; i += 16) {
+        __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), id);
+        v = _mm512_max_ps(lo, _mm512_min_ps(hi, v));
+        v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);
+        __m512i iv = _mm512_cvtps_epi32(v);
+        _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(iv));
+        sum16[i / 16] = _mm512_reduce_add_epi32(iv);
+    }
+    *d_out = am / 127.0f;
+}
+
+KTL_INLINE uint64_t read_sum_isa(const uint8_t *p, int64_t n, int64_t *done) {
+    __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t i = 0;
+    for (; i + 256 <= n; i += 256) {
+        s0 = _mm512_add_epi64(s0, _mm512_loadu_si512((const void *)(p + i)));
+        s1 = _mm512_add_epi64(s1, _mm512_loadu_si512((const void *)(p + i + 64)));
+        s2 = _mm512_add_epi64(s2, _mm512_loadu_si512((const void *)(p + i + 128)));
+        s3 = _mm512_add_epi64(s3, _mm512_loadu_si512((const void *)(p + i + 192)));
+    }
+    *done = i;
+    return (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(s0, s1), _mm512_add_epi64(s2, s3)));
+}
+
+/* ---------------------------------------------------------------- float weights */
+
+KTL_INLINE __m512 load_f32(const uint8_t *p, __mmask16 m, int full) {
+    return full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+}
+KTL_INLINE __m512 load_f16(const uint8_t *p, __mmask16 m, int full) {
+    __m256i h = full ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_cvtph_ps(h);
+}
+KTL_INLINE __m512 load_bf16(const uint8_t *p, __mmask16 m, int full) {
+    __m256i h = full ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+#define DEFINE_TILE_FLOAT(name, ESZ)                                                               \
+    KTL_INLINE void float_step_##name(const ktl_gemm_args *a, const uint8_t *w,                    \
+                                      const uint8_t *const *x, int rm, int rn, int64_t e,          \
+                                      __mmask16 m, int full, __m512 acc[RM][RN]) {                 \
+        __m512 wv[RM];                                                                             \
+        for (int i = 0; i < rm; i++) PREFETCH_AHEAD(w + i * a->row_bytes + e * (ESZ));             \
+        for (int i = 0; i < rm; i++) wv[i] = load_##name(w + i * a->row_bytes + e * (ESZ), m, full); \
+        for (int j = 0; j < rn; j++) {                                                             \
+            __m512 xv = load_f32(x[j] + e * 4, m, full);                                           \
+            for (int i = 0; i < rm; i++) acc[i][j] = _mm512_fmadd_ps(wv[i], xv, acc[i][j]);        \
+        }                                                                                          \
+    }                                                                                              \
+    KTL_INLINE void tile_##name(const ktl_gemm_args *a, const uint8_t *w, const uint8_t *const *x, \
+                                int rm, int rn, float *c) {                                        \
+        __m512 acc[RM][RN];                                                                        \
+        for (int i = 0; i < rm; i++)                                                               \
+            for (int j = 0; j < rn; j++) acc[i][j] = _mm512_setzero_ps();                          \
+        int64_t e = a->k0;                                                                         \
+        for (; e + 16 <= a->k1; e += 16) float_step_##name(a, w, x, rm, rn, e, 0xffff, 1, acc);    \
+        if (e < a->k1) float_step_##name(a, w, x, rm, rn, e, (__mmask16)((1u << (a->k1 - e)) - 1), 0, acc); \
+        for (int i = 0; i < rm; i++)                                                               \
+            for (int j = 0; j < rn; j++) c[i * RN + j] = _mm512_reduce_add_ps(acc[i][j]);          \
+    }
+
+DEFINE_TILE_FLOAT(f32, 4)
+DEFINE_TILE_FLOAT(f16, 2)
+DEFINE_TILE_FLOAT(bf16, 2)
+
+/* ---------------------------------------------------------------- 32-element types, two blocks */
+
+typedef struct {
+    __m512i q;    /* 64 unsigned codes, element order (block 0 | block 1) */
+    __m512 d, m;  /* d (and m) of block 0 in lanes 0-7, block 1 in lanes 8-15 */
+} pdec;
+
+KTL_INLINE __m512i dup8_idx(void) { return _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0); }
+
+/* two fp16 -> [f0 x8, f1 x8] */
+KTL_INLINE __m512 scale_pair(uint16_t h0, uint16_t h1) {
+    __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128((int)((uint32_t)h0 | ((uint32_t)h1 << 16))));
+    return _mm512_permutexvar_ps(dup8_idx(), _mm512_castps128_ps512(f));
+}
+
+/* 16 packed nibble bytes of each block -> 64 codes in element order */
+KTL_INLINE __m512i nibbles_pair(const uint8_t *qs0, const uint8_t *qs1, int two) {
+    __m128i b0 = _mm_loadu_si128((const __m128i *)qs0);
+    __m128i b1 = two ? _mm_loadu_si128((const __m128i *)qs1) : _mm_setzero_si128();
+    __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(b0), b1, 1);
+    __m256i m4 = _mm256_set1_epi8(15);
+    __m256i lo = _mm256_and_si256(v, m4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+    __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); /* b0lo b1lo b0hi b1hi */
+    return _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));        /* b0lo b0hi b1lo b1hi */
+}
+
+KTL_INLINE __m512i high_bits_pair(const uint8_t *qh0, const uint8_t *qh1, int two) {
+    uint64_t bits = (uint64_t)ktl_ld32(qh0) | (two ? (uint64_t)ktl_ld32(qh1) << 32 : 0);
+    return _mm512_maskz_mov_epi8((__mmask64)bits, _mm512_set1_epi8(16));
+}
+
+#define PAIR_SCALE(b, BS, at, two) scale_pair(ktl_ld16((b) + (at)), (two) ? ktl_ld16((b) + (BS) + (at)) : 0)
+
+KTL_INLINE void pdec_q4_0(const uint8_t *b, int two, pdec *o) {
+    o->q = nibbles_pair(b + Q4_0_QS, b + 18 + Q4_0_QS, two);
+    o->d = PAIR_SCALE(b, 18, 0, two);
+}
+KTL_INLINE void pdec_q4_1(const uint8_t *b, int two, pdec *o) {
+    o->q = nibbles_pair(b + Q4_1_QS, b + 20 + Q4_1_QS, two);
+    o->d = PAIR_SCALE(b, 20, 0, two);
+    o->m = PAIR_SCALE(b, 20, Q4_1_M, two);
+}
+KTL_INLINE void pdec_q5_0(const uint8_t *b, int two, pdec *o) {
+    o->q = _mm512_or_si512(nibbles_pair(b + Q5_0_QS, b + 22 + Q5_0_QS, two),
+                           high_bits_pair(b + Q5_0_QH, b + 22 + Q5_0_QH, two));
+    o->d = PAIR_SCALE(b, 22, 0, two);
+}
+KTL_INLINE void pdec_q5_1(const uint8_t *b, int two, pdec *o) {
+    o->q = _mm512_or_si512(nibbles_pair(b + Q5_1_QS, b + 24 + Q5_1_QS, two),
+                           high_bits_pair(b + Q5_1_QH, b + 24 + Q5_1_QH, two));
+    o->d = PAIR_SCALE(b, 24, 0, two);
+    o->m = PAIR_SCALE(b, 24, Q5_1_M, two);
+}
+KTL_INLINE void pdec_q8_0(const uint8_t *b, int two, pdec *o) {
+    __m256i b0 = _mm256_loadu_si256((const __m256i *)(b + Q8_0_QS));
+    __m256i b1 = two ? _mm256_loadu_si256((const __m256i *)(b + 34 + Q8_0_QS)) : _mm256_setzero_si256();
+    __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(b0), b1, 1);
+    o->q = _mm512_xor_si512(q, _mm512_set1_epi8((char)0x80));
+    o->d = PAIR_SCALE(b, 34, 0, two);
+}
+
+KTL_INLINE __m512i tok_q(const int8_t *q, int two) {
+    return two ? _mm512_loadu_si512((const void *)q) : _mm512_maskz_loadu_epi8(0xffffffffULL, q);
+}
+
+/* The token's lane vectors of block pair p: d_x of block 2p in lanes 0-7 and of 2p+1 in lanes
+ * 8-15; minus the block sums in lanes 0 and 8, zeros elsewhere (one block when !two). */
+KTL_INLINE void token_pair(const ktl_gemm_args *a, const uint8_t *x, int64_t p, int two, __m512 *dxv, __m512i *sv) {
+    const float *d = (const float *)(x + a->lay.d_off) + 2 * p;
+    const int32_t *s = (const int32_t *)(x + a->lay.s_off) + 2 * p;
+    __m128i dv = two ? _mm_loadl_epi64((const __m128i *)d) : _mm_castps_si128(_mm_load_ss(d));
+    __m128i ss = two ? _mm_loadl_epi64((const __m128i *)s) : _mm_cvtsi32_si128(s[0]);
+    *dxv = _mm512_permutexvar_ps(dup8_idx(), _mm512_castps128_ps512(_mm_castsi128_ps(dv)));
+    *sv = _mm512_maskz_permutexvar_epi32(0x0101, dup8_idx(),
+                                         _mm512_castsi128_si512(_mm_sub_epi32(_mm_setzero_si128(), ss)));
+}
+
+/* Per block pair: -sum (lanes 0 and 8) shifted by log2(offset) is the dot's start value (offset
+ * types), or times d_x the min term (Q4_1, Q5_1: acc -= m * (-sum * d_x)). */
+#define DEFINE_TILE32(name, BS, SHIFT, HAS_MIN)                                                    \
+    KTL_INLINE void pair_##name(const ktl_gemm_args *a, const uint8_t *w, const uint8_t *const *x, \
+                                int rm, int rn, int64_t p, int two, __m512 acc[RM][RN]) {          \
+        for (int i = 0; i < rm; i++) {                                                             \
+            pdec dw;                                                                               \
+            PREFETCH_AHEAD(w + i * a->row_bytes + 2 * p * (BS));                                   \
+            pdec_##name(w + i * a->row_bytes + 2 * p * (BS), two, &dw);                            \
+            for (int j = 0; j < rn; j++) {                                                         \
+                __m512 dxv;                                                                        \
+                __m512i sv;                                                                        \
+                token_pair(a, x[j], p, two, &dxv, &sv);                                            \
+                __m512i init = HAS_MIN ? _mm512_setzero_si512() : _mm512_slli_epi32(sv, SHIFT);    \
+                __m512i dot = _mm512_dpbusd_epi32(init, dw.q, tok_q((const int8_t *)x[j] + 64 * p, two)); \
+                __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(dw.d, dxv));       \
+                if (HAS_MIN) v = _mm512_fnmadd_ps(dw.m, _mm512_mul_ps(_mm512_cvtepi32_ps(sv), dxv), v); \
+                acc[i][j] = _mm512_add_ps(acc[i][j], v);                                           \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+    KTL_INLINE void tile_##name(const ktl_gemm_args *a, const uint8_t *w, const uint8_t *const *x, \
+                                int rm, int rn, float *c) {                                        \
+        __m512 acc[RM][RN];                                                                        \
+        for (int i = 0; i < rm; i++)                                                               \
+            for (int j = 0; j < rn; j++) acc[i][j] = _mm512_setzero_ps();                          \
+        /* pairs [k0/64, k1/64), and the last odd block when the part ends the row */              \
+        int64_t nb = a->k / KTL_QK, p = a->k0 / 64, p1 = a->k1 / 64;                               \
+        if (rm * rn <= 2) { /* small tile: two accumulator sets, even and odd pairs */             \
+            __m512 acc2[RM][RN];                                                                   \
+            for (int i = 0; i < rm; i++)                                                           \
+                for (int j = 0; j < rn; j++) acc2[i][j] = _mm512_setzero_ps();                     \
+            for (; p + 1 < p1; p += 2) {                                                           \
+                pair_##name(a, w, x, rm, rn, p, 1, acc);                                           \
+                pair_##name(a, w, x, rm, rn, p + 1, 1, acc2);                                      \
+            }                                                                                      \
+            for (int i = 0; i < rm; i++)                                                           \
+                for (int j = 0; j < rn; j++) acc[i][j] = _mm512_add_ps(acc[i][j], acc2[i][j]);     \
+        }                                                                                          \
+        for (; p < p1; p++) pair_##name(a, w, x, rm, rn, p, 1, acc);                               \
+        if ((nb & 1) && a->k1 == a->k) pair_##name(a, w, x, rm, rn, nb / 2, 0, acc);               \
+        for (int i = 0; i < rm; i++)                                                               \
+            for (int j = 0; j < rn; j++) c[i * RN + j] = _mm512_reduce_add_ps(acc[i][j]);          \
+    }
+
+DEFINE_TILE32(q4_0, 18, 3, 0)
+DEFINE_TILE32(q4_1, 20, 0, 1)
+DEFINE_TILE32(q5_0, 22, 4, 0)
+DEFINE_TILE32(q5_1, 24, 0, 1)
+DEFINE_TILE32(q8_0, 34, 7, 0)
+
+/* ---------------------------------------------------------------- K types */
+
+typedef struct {
+    __m512i q[4];   /* 256 unsigned codes, in the order of the activations */
+    __m512i sc[4];  /* int16 scale of each code pair (vpdpwssd operand) */
+    __m256i corr;   /* int16 per 16 codes: offset*scale, or the min */
+    float d, dmin;
+} kdec;
+
+/* permutation indices (int16 lanes) */
+static const int16_t G16_IDX[4][32] = {
+#define R8(v) v, v, v, v, v, v, v, v
+    {R8(0), R8(1), R8(2), R8(3)}, {R8(4), R8(5), R8(6), R8(7)},
+    {R8(8), R8(9), R8(10), R8(11)}, {R8(12), R8(13), R8(14), R8(15)},
+#undef R8
+};
+
+KTL_INLINE __m512i bytes_pair(int lo, int hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi8((char)lo)), _mm256_set1_epi8((char)hi), 1);
+}
+
+KTL_INLINE void group16_scales(__m256i s16, kdec *o) {
+    __m512i z = _mm512_castsi256_si512(s16);
+    for (int c = 0; c < 4; c++) o->sc[c] = _mm512_permutexvar_epi16(idx_const(G16_IDX[c]), z);
+}
+
+/* Q4_K/Q5_K block head (d, dmin, 12 bytes of 6-bit scales and mins) -> 16 bytes sc0..7 m0..7,
+ * in SIMD registers (the same bit moves as ktl_k4_scales) */
+KTL_INLINE __m128i k4_scales_simd(__m128i head) {
+    __m128i a = _mm_shuffle_epi32(head, _MM_SHUFFLE(2, 1, 2, 1)); /* s0-3 s4-7 s0-3 s4-7 */
+    __m128i c = _mm_shuffle_epi32(head, _MM_SHUFFLE(3, 3, 3, 3)); /* s8-11 x4 */
+    __m128i lo = _mm_and_si128(a, _mm_set1_epi8(0x3f));
+    __m128i hi = _mm_and_si128(_mm_srlv_epi32(c, _mm_setr_epi32(0, 4, 0, 4)), _mm_set1_epi8(0x0f));
+    hi = _mm_or_si128(hi, _mm_slli_epi32(_mm_and_si128(_mm_srli_epi32(a, 6), _mm_set1_epi8(3)), 4));
+    return _mm_unpacklo_epi32(lo, hi); /* sc0-3 sc4-7 m0-3 m4-7 */
+}
+
+/* vpshufb controls: int16 lanes of sc[c], zero-extended: zmm c holds the 32-groups
+ * (0 2) (1 3) (4 6) (5 7), as the activations (KTL_ACT_Q8_KP); and the mins m0..7 each twice
+ * (one per 16 codes, in the natural order of the activations' 16-sums) */
+static const int8_t K4_SC_CTRL[4][64] = {
+#define P2(v) v, -128, v, -128, v, -128, v, -128, v, -128, v, -128, v, -128, v, -128
+    {P2(0), P2(0), P2(2), P2(2)}, {P2(1), P2(1), P2(3), P2(3)},
+    {P2(4), P2(4), P2(6), P2(6)}, {P2(5), P2(5), P2(7), P2(7)},
+#undef P2
+};
+static const int8_t K4_MIN_CTRL[32] = {8, -128, 8, -128, 9, -128, 9, -128, 10, -128, 10, -128, 11, -128, 11, -128,
+                                       12, -128, 12, -128, 13, -128, 13, -128, 14, -128, 14, -128, 15, -128, 15, -128};
+
+KTL_INLINE void kdec_q45(const uint8_t *b, const uint8_t *qs, kdec *o) {
+    __m512i m4 = _mm512_set1_epi8(15);
+    for (int h = 0; h < 2; h++) { /* low nibbles: groups 4h, 4h+2; high: 4h+1, 4h+3 */
+        __m512i v = _mm512_loadu_si512((const void *)(qs + 64 * h));
+        o->q[2 * h] = _mm512_and_si512(v, m4);
+        o->q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+    }
+    __m128i head = _mm_loadu_si128((const __m128i *)b);
+    __m512i r = _mm512_broadcast_i32x4(k4_scales_simd(head));
+    for (int c = 0; c < 4; c++) o->sc[c] = _mm512_shuffle_epi8(r, _mm512_loadu_si512((const void *)K4_SC_CTRL[c]));
+    o->corr = _mm256_shuffle_epi8(_mm512_castsi512_si256(r), _mm256_loadu_si256((const __m256i *)K4_MIN_CTRL));
+    __m128 dd = _mm_cvtph_ps(head); /* d, dmin */
+    o->d = _mm_cvtss_f32(dd);
+    o->dmin = _mm_cvtss_f32(_mm_movehdup_ps(dd));
+}
+
+KTL_INLINE void kdec_q4_k(const uint8_t *b, kdec *o) { kdec_q45(b, b + Q4_K_QS, o); }
+
+KTL_INLINE void kdec_q5_k(const uint8_t *b, kdec *o) {
+    kdec_q45(b, b + Q5_K_QS, o);
+    __m512i h = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + Q5_K_QH)));
+    __m512i sixteen = _mm512_set1_epi8(16);
+    for (int c = 0; c < 4; c++) {
+        int g = 4 * (c >> 1) + (c & 1); /* zmm c holds groups g and g + 2 */
+        __mmask64 k = _mm512_test_epi8_mask(h, bytes_pair(1 << g, 1 << (g + 2)));
+        o->q[c] = _mm512_mask_add_epi8(o->q[c], k, o->q[c], sixteen);
+    }
+}
+
+KTL_INLINE void kdec_q6_k(const uint8_t *b, kdec *o) {
+    __m512i m4 = _mm512_set1_epi8(15), m30 = _mm512_set1_epi8(0x30);
+    __m512i sh_a = _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4), sh_b = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);
+    for (int h = 0; h < 2; h++) {
+        __m512i l = _mm512_loadu_si512((const void *)(b + Q6_K_QL + 64 * h));
+        __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + Q6_K_QH + 32 * h)));
+        __m512i lo = _mm512_and_si512(l, m4), hi = _mm512_and_si512(_mm512_srli_epi16(l, 4), m4);
+        o->q[2 * h] = _mm512_or_si512(lo, _mm512_and_si512(_mm512_sllv_epi64(qh, sh_a), m30));
+        o->q[2 * h + 1] = _mm512_or_si512(hi, _mm512_and_si512(_mm512_srlv_epi64(qh, sh_b), m30));
+    }
+    __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + Q6_K_SC)));
+    group16_scales(s16, o);
+    o->corr = _mm256_slli_epi16(s16, 5);
+    o->d = h2f(b + Q6_K_D);
+    o->dmin = 0.0f;
+}
+
+KTL_INLINE __m512i two_bit_codes(const uint8_t *qs, int c) {
+    __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(qs + 32 * (c >> 1))));
+    __m512i sh = (c & 1) ? _mm512_set_epi64(6, 6, 6, 6, 4, 4, 4, 4) : _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);
+    return _mm512_and_si512(_mm512_srlv_epi64(v, sh), _mm512_set1_epi8(3));
+}
+
+KTL_INLINE void kdec_q3_k(const uint8_t *b, kdec *o) {
+    __m512i hm = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + Q3_K_HM)));
+    __m512i four = _mm512_set1_epi8(4);
+    for (int c = 0; c < 4; c++) {
+        __m512i q = two_bit_codes(b + Q3_K_QS, c);
+        int bit = 4 * (c >> 1) + 2 * (c & 1);
+        __mmask64 k = _mm512_test_epi8_mask(hm, bytes_pair(1 << bit, 1 << (bit + 1)));
+        o->q[c] = _mm512_mask_add_epi8(q, k, q, four);
+    }
+    uint8_t sc[16];
+    ktl_k3_scales(b + Q3_K_SC, sc);
+    __m256i s16 = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)sc)), _mm256_set1_epi16(32));
+    group16_scales(s16, o);
+    o->corr = _mm256_slli_epi16(s16, 2);
+    o->d = h2f(b + Q3_K_D);
+    o->dmin = 0.0f;
+}
+
+KTL_INLINE void kdec_q2_k(const uint8_t *b, kdec *o) {
+    for (int c = 0; c < 4; c++) o->q[c] = two_bit_codes(b + Q2_K_QS, c);
+    __m128i s = _mm_loadu_si128((const __m128i *)(b + Q2_K_SC));
+    __m128i m4 = _mm_set1_epi8(15);
+    group16_scales(_mm256_cvtepu8_epi16(_mm_and_si128(s, m4)), o);
+    o->corr = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(s, 4), m4));
+    o->d = h2f(b + Q2_K_D);
+    o->dmin = h2f(b + Q2_K_DMIN);
+}
+
+/* acc + this block's contribution; the contribution does not depend on acc, so the chain through
+ * acc is one add per block */
+KTL_INLINE __m512 kdot(const kdec *w, const int8_t *xq, const int16_t *bs, float dx, int has_min, __m512 acc) {
+    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+    s0 = _mm512_dpwssd_epi32(s0, _mm512_maddubs_epi16(w->q[0], _mm512_loadu_si512((const void *)xq)), w->sc[0]);
+    s1 = _mm512_dpwssd_epi32(s1, _mm512_maddubs_epi16(w->q[1], _mm512_loadu_si512((const void *)(xq + 64))), w->sc[1]);
+    s0 = _mm512_dpwssd_epi32(s0, _mm512_maddubs_epi16(w->q[2], _mm512_loadu_si512((const void *)(xq + 128))), w->sc[2]);
+    s1 = _mm512_dpwssd_epi32(s1, _mm512_maddubs_epi16(w->q[3], _mm512_loadu_si512((const void *)(xq + 192))), w->sc[3]);
+    __m512i isum = _mm512_add_epi32(s0, s1);
+    __m512i corr = _mm512_zextsi256_si512(_mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)bs), w->corr));
+    if (!has_min) {
+        isum = _mm512_sub_epi32(isum, corr);
+        return _mm512_add_ps(acc, _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(w->d * dx)));
+    }
+    __m512 m = _mm512_mul_ps(_mm512_cvtepi32_ps(corr), _mm512_set1_ps(w->dmin * dx));
+    return _mm512_add_ps(acc, _mm512_fmsub_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(w->d * dx), m));
+}
+
+#define DEFINE_TILEK(name, BS, HAS_MIN)                                                            \
+    KTL_INLINE void kblock_##name(const ktl_gemm_args *a, const uint8_t *w, const uint8_t *const *x, \
+                                  int rm, int rn, int64_t b, __m512 acc[KRM][KRN]) {               \
+        for (int i = 0; i < rm; i++) {                                                             \
+            kdec dw;                                                                               \
+            PREFETCH_AHEAD(w + i * a->row_bytes + b * (BS));                                       \
+            kdec_##name(w + i * a->row_bytes + b * (BS), &dw);                                     \
+            for (int j = 0; j < rn; j++) {                                                         \
+                const float dx = ((const float *)(x[j] + a->lay.d_off))[b];                        \
+                const int16_t *bs = (const int16_t *)(x[j] + a->lay.s_off) + 16 * b;               \
+                acc[i][j] = kdot(&dw, (const int8_t *)x[j] + KTL_QKK * b, bs, dx, HAS_MIN, acc[i][j]); \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+    KTL_INLINE void tile_##name(const ktl_gemm_args *a, const uint8_t *w, const uint8_t *const *x, \
+                                int rm, int rn, float *c) {                                        \
+        __m512 acc[KRM][KRN];                                                                        \
+        for (int i = 0; i < rm; i++)                                                               \
+            for (int j = 0; j < rn; j++) acc[i][j] = _mm512_setzero_ps();                          \
+        int64_t nb = a->k1 / KTL_QKK, b = a->k0 / KTL_QKK;                                         \
+        if (rm * rn <= 2) { /* small tile: two accumulator sets, even and odd blocks */            \
+            __m512 acc2[KRM][KRN];                                                                   \
+            for (int i = 0; i < rm; i++)                                                           \
+                for (int j = 0; j < rn; j++) acc2[i][j] = _mm512_setzero_ps();                     \
+            for (; b + 1 < nb; b += 2) {                                                           \
+                kblock_##name(a, w, x, rm, rn, b, acc);                                            \
+                kblock_##name(a, w, x, rm, rn, b + 1, acc2);                                       \
+            }                                                                                      \
+            for (int i = 0; i < rm; i++)                                                           \
+                for (int j = 0; j < rn; j++) acc[i][j] = _mm512_add_ps(acc[i][j], acc2[i][j]);     \
+        }                                                                                          \
+        for (; b < nb; b++) kblock_##name(a, w, x, rm, rn, b, acc);                                \
+        for (int i = 0; i < rm; i++)                                                               \
+            for (int j = 0; j < rn; j++) c[i * KRN + j] = _mm512_reduce_add_ps(acc[i][j]);          \
+    }
+
+DEFINE_TILEK(q2_k, 84, 1)
+DEFINE_TILEK(q3_k, 110, 0)
+DEFINE_TILEK(q4_k, 144, 1)
+DEFINE_TILEK(q5_k, 176, 1)
+DEFINE_TILEK(q6_k, 210, 0)
+
+DEFINE_GEMM(f32, RM, RN)
+DEFINE_GEMM(f16, RM, RN)
+DEFINE_GEMM(bf16, RM, RN)
+DEFINE_GEMM(q4_0, RM, RN)
+DEFINE_GEMM(q4_1, RM, RN)
+DEFINE_GEMM(q5_0, RM, RN)
+DEFINE_GEMM(q5_1, RM, RN)
+DEFINE_GEMM(q8_0, RM, RN)
+DEFINE_GEMM(q2_k, KRM, KRN)
+DEFINE_GEMM(q3_k, KRM, KRN)
+DEFINE_GEMM(q4_k, KRM, KRN)
+DEFINE_GEMM(q5_k, KRM, KRN)
+DEFINE_GEMM(q6_k, KRM, KRN)

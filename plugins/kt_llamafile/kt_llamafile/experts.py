@@ -1,0 +1,86 @@
+"""``LlamafileExperts``: ktcore's Experts operator on kt-llamafile's C kernels.
+
+The stacked ``ffn_{gate,up,down}_exps`` tensors are read in place: with GGUF sources the
+kernels get the whole stacked blocks (zero copy) and a map ``slot_of[E + 1]`` from expert id
+to its index in them, -1 for experts this instance does not own (and for the padding id E).
+Dense sources become F32/BF16/F16 rows; when only some experts are owned and a source is
+dense, the owned experts are stacked compactly (GGUF ones still quantised) and ``slot_of``
+points into that.
+
+``forward`` runs ``torch.ops.kt_llamafile.experts`` (directly its implementation in eager mode,
+see ops.py): x is quantised once per token, pairs are
+grouped by expert, gate and up run on each expert's tokens, act(gate) * up is quantised again
+for down, and each output row sums its experts in expert order (see csrc/matmul.c).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from kt_llamafile import _lib, ops
+from kt_llamafile.linear import threads_option
+from kt_llamafile.weights import is_zero_copy, raw_rows, select_experts
+from ktcore.errors import BackendError
+from ktcore.ops.experts import Experts, ExpertsSpec
+from ktcore.ops.linear import check_options
+from ktcore.ops.weights import DenseWeight, WeightSource
+
+logger = logging.getLogger("kt_llamafile")
+
+ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+
+
+class LlamafileExperts(Experts):
+    """Routed experts on GGUF blocks in place (see the module docstring)."""
+
+    option_names: ClassVar[tuple[str, ...]] = ("threads",)
+
+    def __init__(self, spec: ExpertsSpec, device: str | torch.device = "cpu", options: Mapping[str, Any] | None = None):
+        super().__init__(spec, device, options)
+        check_options(type(self).__name__, self.options, self.option_names)
+        if self.device.type != "cpu":
+            raise BackendError(f"{type(self).__name__} runs on the CPU, not on {self.device}")
+        if spec.activation not in ACT_CODES:
+            raise BackendError(f"{type(self).__name__}: unsupported activation {spec.activation!r}")
+        self.threads = threads_option(type(self).__name__, self.options)
+        # plain attributes, not buffers: Module.to() must not move or convert the raw rows
+        self.rows: dict[str, torch.Tensor] = {}
+        self.qtypes: dict[str, str] = {}
+        self.zero_copy: dict[str, bool] = {}
+        self.slot_of: torch.Tensor | None = None
+
+    def pack(self, sources: Mapping[str, WeightSource]) -> None:
+        spec = self.spec
+        owned = spec.owned
+        compact = owned is not None and any(isinstance(s, DenseWeight) for s in sources.values())
+        for name in self.weight_names():
+            rows, qtype = raw_rows(sources[name])  # [E, rows, row_bytes] uint8
+            if compact:
+                rows = select_experts(rows, owned)
+            self.rows[name] = rows.reshape(rows.shape[0], -1)
+            self.qtypes[name] = qtype
+            self.zero_copy[name] = is_zero_copy(sources[name], self.rows[name])
+        slot_of = torch.full((spec.num_experts + 1,), -1, dtype=torch.int32)  # [E + 1]
+        ids = torch.tensor(spec.owned_ids, dtype=torch.long)
+        slot_of[ids] = torch.arange(len(ids), dtype=torch.int32) if compact else ids.to(torch.int32)
+        self.slot_of = slot_of
+        _lib.kernels()
+        logger.debug("%s packed %d/%d experts as %s (zero copy: %s)", type(self).__name__, spec.num_owned,
+                     spec.num_experts, self.qtypes, self.zero_copy)
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(x, topk_ids, topk_weights)
+        if self.slot_of is None:
+            raise RuntimeError(f"{type(self).__name__}: call load_weights() before forward()")
+        qtypes = [_lib.QTYPE_IDS[self.qtypes[n]] for n in ("gate", "up", "down")]
+        return ops.call(torch.ops.kt_llamafile.experts, ops.experts_impl, x, topk_ids, topk_weights,
+                        self.rows["gate"], self.rows["up"], self.rows["down"], self.slot_of, qtypes,
+                        self.spec.intermediate_size, ACT_CODES[self.spec.activation], self.threads)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, owned={self.spec.num_owned}/{self.spec.num_experts}, "
+                f"qtypes={self.qtypes}, threads={self.threads}")
