@@ -38,11 +38,15 @@ class Operator(nn.Module):
         self.loaded = False
 
     def weight_names(self) -> tuple[str, ...]:
-        """The weight names ``load_weights`` expects, each with ``expected_shape``."""
-        raise NotImplementedError
+        """The weight names ``load_weights`` expects, each with ``expected_shape``; by default
+        those of ``spec.weight_shapes()``."""
+        return tuple(self.spec.weight_shapes())
 
     def expected_shape(self, name: str) -> tuple[int, ...]:
-        raise NotImplementedError
+        shapes = self.spec.weight_shapes()
+        if name not in shapes:
+            raise KeyError(f"{type(self).__name__} has no weight named {name!r}")
+        return shapes[name]
 
     def load_weights(self, weights: Mapping[str, "WeightSource | torch.Tensor"]) -> None:
         """Checks names and shapes, then hands the sources to ``pack`` (once)."""

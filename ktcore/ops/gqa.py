@@ -179,15 +179,6 @@ class GQAAttention(Operator):
             self.q_norm = RMSNorm(D, spec.rms_norm_eps, device=self.device)
             self.k_norm = RMSNorm(D, spec.rms_norm_eps, device=self.device)
 
-    def weight_names(self) -> tuple[str, ...]:
-        return tuple(self.spec.weight_shapes())
-
-    def expected_shape(self, name: str) -> tuple[int, ...]:
-        shapes = self.spec.weight_shapes()
-        if name not in shapes:
-            raise KeyError(f"{type(self).__name__} has no weight named {name!r}")
-        return shapes[name]
-
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype = torch.bfloat16) -> KVCache:
         return KVCache.for_spec(self.spec, batch, max_len, dtype, self.device)
 

@@ -163,15 +163,6 @@ class MLA(Operator):
             raise TypeError(f"{type(self).__name__} needs an MLASpec, got {type(spec).__name__}")
         super().__init__(spec, device, options)
 
-    def weight_names(self) -> tuple[str, ...]:
-        return tuple(self.spec.weight_shapes())
-
-    def expected_shape(self, name: str) -> tuple[int, ...]:
-        shapes = self.spec.weight_shapes()
-        if name not in shapes:
-            raise KeyError(f"{type(self).__name__} has no weight named {name!r}")
-        return shapes[name]
-
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype = torch.bfloat16) -> MLACache:
         return MLACache.for_spec(self.spec, batch, max_len, dtype, self.device)
 
