@@ -105,11 +105,12 @@ def test_split_k_config_matches(device, random_blocks):
     n, k = 24, 1024
     w = _gguf_weight(random_blocks, "Q4_0", n, k)
     op = _build(LinearSpec(k, n, bias=False), device, {"format": "int4"}, {"weight": w})
-    x = torch.randn(1, k).to(device)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(k)).to(device)
     cfg = dict(BLOCK_T=1, BLOCK_N=16, BLOCK_K=128, num_warps=4)
     one = launch(x, op.qweight, op.scales, op.offsets, None, 4, 32, dict(cfg, SPLIT_K=1))
     four = launch(x, op.qweight, op.scales, op.offsets, None, 4, 32, dict(cfg, SPLIT_K=4))
-    torch.testing.assert_close(one, four, rtol=1e-5, atol=1e-5)
+    # fp32 sums of 1024 products in another order: a few ulps of the largest output
+    torch.testing.assert_close(one, four, rtol=1e-5, atol=1e-5 * one.abs().max().item())
 
 
 def test_options_are_checked():
