@@ -48,3 +48,21 @@ def missing_module_reason(module: str, distribution: str) -> str | None:
     except (ImportError, ValueError):
         found = False
     return None if found else f"compiled extension {module} is not built (reinstall {distribution})"
+
+
+def load_extension(module: str, path_variable: str):
+    """Imports a plugin's compiled extension ``module``, or, when the environment variable
+    ``path_variable`` names a file, that build of it instead (sanitizer or ISA-test builds)."""
+    import importlib
+    import importlib.util
+    import os
+
+    path = os.environ.get(path_variable)
+    if not path:
+        return importlib.import_module(module)
+    spec = importlib.util.spec_from_file_location(module, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path_variable}={path!r} is not a loadable extension")
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
-import importlib.util
 import logging
 import os
 from collections.abc import Iterator
@@ -26,15 +24,9 @@ ISA_NAMES = ("none", "avx2", "avx512", "amx")
 @functools.lru_cache(maxsize=1)
 def kernels() -> tuple[Any, Any]:
     """``(ffi, lib)`` of the extension, initialised (CPU detected, KT_AMX_ISA applied)."""
-    path = os.environ.get("KT_AMX_KERNELS")
-    if path:
-        spec = importlib.util.spec_from_file_location("kt_amx._kernels", path)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"KT_AMX_KERNELS={path!r} is not a loadable extension")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module("kt_amx._kernels")
+    from ktcore.backends.host import load_extension
+
+    module = load_extension("kt_amx._kernels", "KT_AMX_KERNELS")
     ffi, lib = module.ffi, module.lib
     lib.kt_init()
     note = ffi.string(lib.kt_isa_note()).decode()
