@@ -25,6 +25,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), help="compute dtype (default fp32)")
     parser.add_argument("--max-seq-len", type=int, help="cache length (default: min(model maximum, 4096))")
+    parser.add_argument("--experts-per-token", type=int,
+                        help="routed experts per token, fewer than the config's for speed (weights renormalised as configured)")
     parser.add_argument("--json", action="store_true", help="print text, token ids, prompt length and timings as JSON")
     parser.set_defaults(func=run)
 
@@ -39,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
         model_path = default_model_dir()
     model = ktcore.load(model_path, gguf=args.gguf, rules=args.rules, dtype=args.dtype,
-                        max_seq_len=args.max_seq_len, progress=not args.json)
+                        max_seq_len=args.max_seq_len, progress=not args.json,
+                        experts_per_token=args.experts_per_token)
     if model.tokenizer is None:
         raise KtError(f"{model_path or args.gguf}: no tokenizer, so the prompt cannot be encoded")
     prompt_ids = model.tokenizer.encode(args.prompt, add_special_tokens=False)

@@ -100,6 +100,19 @@ class Router(nn.Module):
         self.weight = nn.Parameter(
             torch.zeros(spec.num_experts, spec.hidden_size, device=device, dtype=dtype), requires_grad=False
         )
+        self.active_top_k = spec.top_k  # fewer experts per token: see set_active_top_k
+
+    def set_active_top_k(self, n: int | None) -> None:
+        """Runs the first ``n`` of the ``top_k`` chosen experts (None: all of them).
+
+        The output keeps its ``[T, top_k]`` shape: the dropped places get the padding id
+        ``num_experts`` with weight 0, which every Experts backend skips. The kept weights are
+        renormalised over the ``n`` kept experts when the config renormalises top-k weights.
+        """
+        n = self.spec.top_k if n is None else n
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.spec.top_k:
+            raise ValueError(f"experts per token must be an int in [1, {self.spec.top_k}], got {n!r}")
+        self.active_top_k = n
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = x.reshape(-1, self.spec.hidden_size)  # [T, H]
@@ -117,15 +130,22 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scores = self.scores(self.logits(x))  # [T, E] fp32
-        ids, weights = self.choose(scores)  # [T, K], [T, K]
+        ids, weights = self.choose(scores)  # [T, K], [T, K] in routing order
+        n, K = self.active_top_k, self.spec.top_k
+        if n < K:
+            ids, weights = ids[:, :n], weights[:, :n]  # [T, n]
         if self.spec.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         if self.spec.routed_scaling_factor != 1.0:
             weights = weights * self.spec.routed_scaling_factor
+        if n < K:  # back to [T, K]: padding id E with weight 0
+            ids = F.pad(ids, (0, K - n), value=self.spec.num_experts)
+            weights = F.pad(weights, (0, K - n), value=0.0)
         return ids.to(torch.int32), weights.float()
 
     def extra_repr(self) -> str:
-        return f"spec={self.spec}"
+        active = f", active_top_k={self.active_top_k}" if self.active_top_k != self.spec.top_k else ""
+        return f"spec={self.spec}{active}"
 
 
 class SoftmaxTopKRouter(Router):

@@ -4,6 +4,8 @@ bridges that let operators on one device serve modules on another."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -23,20 +25,67 @@ def device_of(module: nn.Module) -> torch.device:
 class ExpertsParts(nn.Module):
     """One MoE layer's routed experts held by one or more Experts instances (several for a
     rule's ``split``): each computes its owned experts on its own device; the results add up
-    on the device of the input."""
+    on the device of the input.
+
+    With host runners attached (``attach_host_runners``, done by the CUDA-graph decode step),
+    the CPU parts that offer the job protocol (ktcore.runtime.host_experts) run from GPU
+    inputs through pinned buffers and host nodes: ``begin`` submits them first, computes the
+    parts on GPUs meanwhile, and the returned ``finish`` waits for the CPU and adds up. Batches
+    larger than the runners' ``max_tokens`` (prefill chunks) take the plain path.
+    """
 
     def __init__(self, parts: list[nn.Module]):
         super().__init__()
         self.parts = nn.ModuleList(parts)
+        self.runners: dict[int, object] = {}  # index of a CPU part -> HostExpertsRunner
 
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    def host_job_parts(self) -> list[int]:
+        """Indices of the CPU parts that can run inside a CUDA graph."""
+        from ktcore.runtime.host_experts import supports_host_jobs
+
+        return [i for i, part in enumerate(self.parts) if part.device.type == "cpu" and supports_host_jobs(part)]
+
+    def attach_host_runners(self, max_tokens: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Runs the CPU parts from inputs on ``device`` (a GPU) through host nodes, for batches
+        of up to ``max_tokens``; ``dtype`` is the activations' type on the host side."""
+        from ktcore.runtime.host_experts import HostExpertsRunner
+
+        host_dtype = dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
+        self.runners = {i: HostExpertsRunner(self.parts[i], max_tokens, device, host_dtype)
+                        for i in self.host_job_parts()}
+
+    def detach_host_runners(self) -> None:
+        self.runners = {}
+
+    def _use_runners(self, x: torch.Tensor) -> bool:
+        runner = next(iter(self.runners.values()), None)
+        return runner is not None and x.device == runner.device and x.shape[0] <= runner.max_tokens
+
+    def begin(self, x: torch.Tensor, topk_ids: torch.Tensor,
+              topk_weights: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Starts the forward; the returned function finishes it and gives y [T, H]."""
         # x: [T, H]; topk_ids, topk_weights: [T, K]
+        via_host = self._use_runners(x)
+        pending = [r.submit(x, topk_ids, topk_weights) for r in self.runners.values()] if via_host else []
         out = None
-        for part in self.parts:
+        for i, part in enumerate(self.parts):
+            if via_host and i in self.runners:
+                continue
             dev = part.device
             y = part(x.to(dev), topk_ids.to(dev), topk_weights.to(dev)).to(x.device)
             out = y if out is None else out + y
-        return out
+
+        def finish() -> torch.Tensor:
+            result = out
+            for p in pending:
+                y = p.finish().to(x.dtype)
+                result = y if result is None else result + y
+            return result
+
+        return finish
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        return self.begin(x, topk_ids, topk_weights)()
 
 
 class LinearOnDevice(nn.Module):
@@ -75,10 +124,13 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, H]
         flat = x.reshape(-1, x.shape[-1])  # [B*T, H]
         topk_ids, topk_weights = self.gate(flat.to(device_of(self.gate)))  # [B*T, K] int32, fp32
-        y = self.experts(flat, topk_ids, topk_weights)
-        if self.shared_name is not None:
+        finish = self.experts.begin(flat, topk_ids, topk_weights)  # CPU experts start first
+        shared = None
+        if self.shared_name is not None:  # overlaps the CPU experts
             shared = getattr(self, self.shared_name)(flat)
             if hasattr(self, "shared_expert_gate"):
                 shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+        y = finish()
+        if shared is not None:
             y = y + shared
         return y.view_as(x)

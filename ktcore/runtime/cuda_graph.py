@@ -1,26 +1,60 @@
 """The decode step captured once as a CUDA graph and replayed for every token.
 
 Everything the step reads lives in static buffers (token ids, positions, cache lengths, the
-caches themselves), so a replay is one launch with no Python in between. This first version
-captures plans whose modules all sit on one CUDA device; CPU experts inside the graph go
-through kt-amx's host nodes (the runtime issue).
+caches themselves), so a replay is one launch with no Python in between. Every module must
+sit on one CUDA device, except routed experts on the CPU whose backend offers the job
+protocol (kt-amx, kt-llamafile): they run from host nodes inside the graph
+(ktcore.runtime.host_experts), overlapped with the shared experts and the GPU's experts.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ktcore.errors import KtError
+from ktcore.runtime.blocks import ExpertsParts
 
 
-def graph_device(plan) -> torch.device | None:
-    """The one CUDA device of a plan whose placements all share it, else None."""
-    devices = {torch.device(p.device) for p in plan.placements}
-    if len(devices) == 1:
-        (device,) = devices
-        if device.type == "cuda":
-            return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
-    return None
+def _tensor_devices(module: nn.Module, skip: set[int]) -> dict[torch.device, str]:
+    """Devices of the tensors under ``module`` (one module name per device), leaving out the
+    modules whose ids are in ``skip``."""
+    found: dict[torch.device, str] = {}
+
+    def visit(name: str, m: nn.Module) -> None:
+        if id(m) in skip:
+            return
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            if t is not None:
+                found.setdefault(t.device, name or "<model>")
+        for child_name, child in m._modules.items():
+            if child is not None:
+                visit(f"{name}.{child_name}" if name else child_name, child)
+
+    visit("", module)
+    return found
+
+
+def graph_device(decoder) -> tuple[torch.device | None, str]:
+    """``(device, "")`` when the decode step can be captured on one CUDA device, else
+    ``(None, reason)``."""
+    skip, blockers = set(), []
+    for name, module in decoder.named_modules():
+        if isinstance(module, ExpertsParts):
+            host_parts = set(module.host_job_parts())
+            for i, part in enumerate(module.parts):
+                if i in host_parts:
+                    skip.add(id(part))
+                elif part.device.type == "cpu":
+                    blockers.append(f"{name}.parts.{i} ({type(part).__name__} on the CPU has no host-job support)")
+    devices = _tensor_devices(decoder, skip)
+    cuda = sorted({d for d in devices if d.type == "cuda"}, key=str)
+    others = [f"{where} on {d}" for d, where in devices.items() if d.type != "cuda"]
+    if blockers or others:
+        return None, "modules outside the GPU cannot run in a CUDA graph: " + "; ".join(blockers + others)
+    if len(cuda) != 1:
+        return None, f"CUDA graphs need every module on one GPU, the model uses {len(cuda)}"
+    return cuda[0], ""
 
 
 class GraphDecodeStep:
@@ -30,6 +64,9 @@ class GraphDecodeStep:
         if device.type != "cuda":
             raise KtError(f"CUDA graphs need a CUDA device, got {device}")
         self.decoder = decoder
+        self.experts = [m for m in decoder.modules() if isinstance(m, ExpertsParts) and m.host_job_parts()]
+        for experts in self.experts:  # CPU experts from host nodes, static pinned buffers
+            experts.attach_host_runners(batch, device, decoder.cache_dtype)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1]
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1]
         self.lens = torch.ones(batch, dtype=torch.long, device=device)  # [B]
@@ -50,3 +87,15 @@ class GraphDecodeStep:
         self.lens.fill_(position + 1)
         self.graph.replay()
         return self.logits
+
+    def check_cpu_experts(self) -> None:
+        """Raises the error a CPU experts job met during the replays (host nodes cannot
+        raise); call after synchronising."""
+        for experts in self.experts:
+            for runner in experts.runners.values():
+                runner.check_status()
+
+    def release(self) -> None:
+        """Detaches the host runners (the eager decoder runs as before)."""
+        for experts in self.experts:
+            experts.detach_host_runners()

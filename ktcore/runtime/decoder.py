@@ -21,6 +21,7 @@ class Decoder(nn.Module):
         self.model = model  # the transformers CausalLM skeleton, filled by Builder
         self.batch = batch
         self.max_len = max_len
+        self.cache_dtype = cache_dtype
         layers = model.model.layers
         self.caches = nn.ModuleList(layer.self_attn.new_cache(batch, max_len, cache_dtype) for layer in layers)
         self.layer_devices = [device_of(layer.input_layernorm) for layer in layers]

@@ -83,13 +83,13 @@ class Model:
         return self._prefill(ids, last_only=False).float().cpu()
 
     def _decode_step(self, use_graph: bool | None):
-        """The decode step: a captured CUDA graph where the plan allows one (``use_graph`` None:
-        whenever it does), else the eager decoder."""
+        """The decode step: a captured CUDA graph where the model allows one (``use_graph``
+        None: whenever it does), else the eager decoder."""
         from ktcore.runtime.cuda_graph import GraphDecodeStep, graph_device
 
-        device = graph_device(self.plan) if use_graph is not False else None
+        device, reason = graph_device(self.decoder) if use_graph is not False else (None, "")
         if use_graph and device is None:
-            raise KtError("decode graphs need every module on one CUDA device in this version")
+            raise KtError(f"cannot decode with a CUDA graph: {reason}")
         if device is None:
             def eager(token, position):
                 positions = torch.tensor([[position]])
@@ -98,6 +98,23 @@ class Model:
         if self.graph_step is None:
             self.graph_step = GraphDecodeStep(self.decoder, device)
         return self.graph_step.step
+
+    def routers(self) -> list:
+        from ktcore.ops.router import Router
+
+        return [m for m in self.decoder.modules() if isinstance(m, Router)]
+
+    def set_experts_per_token(self, n: int | None) -> None:
+        """Runs ``n`` routed experts per token instead of the config's count (None: restore
+        it); see ``Router.set_active_top_k``. A captured decode graph is captured again."""
+        for router in self.routers():
+            router.set_active_top_k(n)
+        self.release_graph()
+
+    def release_graph(self) -> None:
+        if self.graph_step is not None:
+            self.graph_step.release()
+            self.graph_step = None
 
     @torch.inference_mode()
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
@@ -132,6 +149,8 @@ class Model:
             token = sample(logits, params, generator)
             out.append(int(token))
             position += 1
+        if self.graph_step is not None and step == self.graph_step.step:
+            self.graph_step.check_cpu_experts()
         self.timings.decode_tokens = len(out) - 1
         self.timings.decode_s = time.perf_counter() - start
         return out
@@ -143,9 +162,12 @@ def _default_rules(arch: str) -> str:
 
 def load(model: str | Path | None = None, gguf: str | Path | None = None, rules: str | Path | None = None,
          dtype: str | torch.dtype | None = None, max_seq_len: int | None = None, registry=None,
-         progress: bool = False, store=None, config=None, tokenizer=None) -> Model:
+         progress: bool = False, store=None, config=None, tokenizer=None,
+         experts_per_token: int | None = None) -> Model:
     """Loads a model; see the module docstring. ``store``/``config``/``tokenizer`` let callers
-    pass weights already in memory (synthetic models, a transformers model's state)."""
+    pass weights already in memory (synthetic models, a transformers model's state).
+    ``experts_per_token`` runs fewer routed experts per token than the config (see
+    ``Model.set_experts_per_token``)."""
     from ktcore.backends.registry import Registry
     from ktcore.rules.placement import ModelInventory, check_rules
     from ktcore.rules.shipped import resolve_rule_path
@@ -169,6 +191,10 @@ def load(model: str | Path | None = None, gguf: str | Path | None = None, rules:
         dtype = DTYPES[dtype]
     dtype = dtype or torch.float32
     max_len = int(max_seq_len or min(getattr(config, "max_position_embeddings", 4096), 4096))
+    top_k = int(getattr(config, "num_experts_per_tok", 0) or 0)
+    if experts_per_token is not None and not (isinstance(experts_per_token, int) and 1 <= experts_per_token <= top_k):
+        raise KtError(f"experts_per_token must be between 1 and the config's num_experts_per_tok ({top_k}), "
+                      f"got {experts_per_token!r}")
     _check_memory(plan, dtype)
     _libc_call("mallopt", _M_MMAP_THRESHOLD, 1 << 20)
     bar = _progress_bar(len(store.names())) if progress else None
@@ -180,7 +206,10 @@ def load(model: str | Path | None = None, gguf: str | Path | None = None, rules:
         store.close()
     _libc_call("malloc_trim", 0)
     decoder = Decoder(skeleton, config, batch=1, max_len=max_len, cache_dtype=dtype)
-    return Model(decoder, config, tokenizer, plan)
+    model = Model(decoder, config, tokenizer, plan)
+    if experts_per_token is not None:
+        model.set_experts_per_token(experts_per_token)
+    return model
 
 
 def _config_and_tokenizer(model, gguf):

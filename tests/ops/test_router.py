@@ -238,3 +238,31 @@ def test_spec_validation(kwargs, message):
     args = dict(kind="softmax_topk", num_experts=8, hidden_size=64, top_k=2) | kwargs
     with pytest.raises(ValueError, match=message):
         RouterSpec(**args)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fewer_experts_per_token_equal_a_router_built_with_fewer(case):
+    """Running n of the config's K experts gives a router configured with top-k = n (weights
+    renormalised as configured), padded back to K with the padding id and weight 0."""
+    torch.manual_seed(2)
+    config = hf_config(case)
+    K = config.num_experts_per_tok
+    full = randomise(build_router(router_spec_from_config(config)))
+    x = torch.randn(7, 64)
+    for n in range(1, K):
+        config.num_experts_per_tok = n
+        fewer = build_router(router_spec_from_config(config))
+        fewer.load_state_dict(full.state_dict())
+        config.num_experts_per_tok = K
+        full.set_active_top_k(n)
+        ids, weights = full(x)
+        want_ids, want_weights = fewer(x)
+        assert ids.shape == weights.shape == (7, K)
+        assert torch.equal(ids[:, :n], want_ids)
+        torch.testing.assert_close(weights[:, :n], want_weights, atol=1e-7, rtol=1e-6)
+        assert torch.all(ids[:, n:] == full.spec.num_experts) and torch.all(weights[:, n:] == 0)
+    full.set_active_top_k(None)
+    assert full(x)[0].shape == (7, K) and torch.all(full(x)[0] < full.spec.num_experts)
+    for bad in (0, K + 1, 1.5, True):
+        with pytest.raises(ValueError, match="experts per token"):
+            full.set_active_top_k(bad)

@@ -1,4 +1,4 @@
-"""CPU experts driven from the GPU: per-layer time of kt_amx.cuda_host.GraphExpertsRunner,
+"""CPU experts driven from the GPU: per-layer time of ktcore.runtime.host_experts.HostExpertsRunner,
 eager (Python enqueues copies and host nodes each layer) against a replayed CUDA graph (no
 Python), with the plain CPU op (inputs already on the host) beside them.
 
@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_experts import FORMATS, SHAPES, random_layer  # noqa: E402
 
 from kt_amx import _lib  # noqa: E402
-from kt_amx.cuda_host import GraphExpertsRunner, cudart  # noqa: E402
+from ktcore.runtime.cudart import cudart  # noqa: E402
+from ktcore.runtime.host_experts import HostExpertsRunner  # noqa: E402
 
 
 def median_time(fn, reps: int) -> float:
@@ -42,7 +43,7 @@ def median_time(fn, reps: int) -> float:
 def case(shape: str, fmt: str, copies: int, tokens: list[int], threads: int, reps: int) -> list[dict]:
     H, I, K, E = SHAPES[shape]
     layers = [random_layer(shape, FORMATS[fmt], threads) for _ in range(copies)]
-    runners = [GraphExpertsRunner(layer, max(tokens), dtype=torch.bfloat16) for layer in layers]
+    runners = [HostExpertsRunner(layer, max(tokens), dtype=torch.bfloat16) for layer in layers]
     out = []
     for T in tokens:
         gen = torch.Generator().manual_seed(T)
@@ -53,7 +54,7 @@ def case(shape: str, fmt: str, copies: int, tokens: list[int], threads: int, rep
         def chain():
             h = x
             for r in runners:
-                h = r.forward_on_stream(h, ids, w)
+                h = r.forward(h, ids, w)
             return h
 
         eager = median_time(chain, reps) / copies

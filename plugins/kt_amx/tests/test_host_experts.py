@@ -1,32 +1,30 @@
-"""CPU experts in a CUDA graph (DESIGN §5): ``kt_amx.cuda_host``.
+"""kt-amx experts in a CUDA graph (DESIGN §5) through ktcore's ``HostExpertsRunner``.
 
 The ``cuda`` tests run on the GPU host (the root conftest skips them elsewhere): the runner's
 eager output against the CPU op and TorchExperts, and a captured graph with D2H copies, the
 submit host node, unrelated GPU work, the wait host node and the H2D copy, replayed on new
-inputs with no Python. The CPU tests check the libcudart search errors and the runner's
-plumbing (jobs, buffers, host functions called through their C addresses) with a fake runtime.
+inputs with no Python. The CPU test checks the runner's plumbing with kt-amx's jobs (buffers,
+host functions called through their C addresses) with a fake CUDA runtime.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from kt_amx import cuda_host
-from kt_amx.cuda_host import CudartNotFound, GraphExpertsRunner
+import kt_amx
 from kt_amx.experts import AmxExperts
-from ktcore.errors import KtError
+from ktcore.runtime import cudart as rt
+from ktcore.runtime.fake_cudart import FakeCudart
+from ktcore.runtime.host_experts import HostExpertsRunner
 from ktcore.ops.experts import ExpertsSpec, TorchExperts
 
 E, H, I, K = 16, 256, 128, 4
-PACKAGE = Path(cuda_host.__file__).resolve().parent
+PACKAGE = Path(kt_amx.__file__).resolve().parent
 
 
 def make(fmt="int4", group=32):
@@ -51,67 +49,16 @@ def inputs(T, seed, device="cpu"):
 # ------------------------------------------------------------------------------- CPU only
 
 
-def test_cudart_absent_gives_clear_error(monkeypatch):
-    cuda_host.cudart.cache_clear()
-    monkeypatch.setattr(cuda_host, "cudart_candidates", lambda: [])
-    with pytest.raises(CudartNotFound) as info:
-        cuda_host.cudart()
-    assert isinstance(info.value, KtError)
-    msg = str(info.value)
-    assert "libcudart" in msg and "KT_AMX_CUDART" in msg and "no candidate found" in msg
-    cuda_host.cudart.cache_clear()
-
-    monkeypatch.setattr(cuda_host, "cudart_candidates", lambda: ["/nonexistent/libcudart.so.99"])
-    with pytest.raises(CudartNotFound, match="/nonexistent/libcudart.so.99"):
-        cuda_host.cudart()
-    cuda_host.cudart.cache_clear()
-
-
-def test_cudart_env_override_and_wrong_library(monkeypatch):
-    monkeypatch.setenv("KT_AMX_CUDART", "/nonexistent/libcudart.so")
-    assert cuda_host.cudart_candidates() == ["/nonexistent/libcudart.so"]
-    # a library that loads but is not the CUDA runtime: no cudaLaunchHostFunc
-    libc = ctypes.util.find_library("c")
-    if libc:
-        with pytest.raises(CudartNotFound, match="cudaLaunchHostFunc"):
-            cuda_host.load_cudart([libc])
-
-
-def test_import_does_not_load_cudart():
-    code = ("import kt_amx.cuda_host as c, torch; "
-            "assert c.cudart.cache_info().currsize == 0 and not torch.cuda.is_initialized(); "
-            "print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "ok" in out.stdout
-
-
-class FakeCudart:
-    """Runs the enqueued operations at once, on this thread: memcpy and the C host functions
-    called through their addresses with the job pointer, as the CUDA runtime would."""
-
-    def __init__(self):
-        self.log = []
-
-    def launch_host_func(self, stream, fn, user_data):
-        self.log.append(("host", fn))
-        ctypes.CFUNCTYPE(None, ctypes.c_void_p)(fn)(user_data)
-
-    def memcpy_async(self, dst, src, nbytes, stream):
-        self.log.append(("copy", nbytes))
-        ctypes.memmove(dst, src, nbytes)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_runner_plumbing_with_fake_runtime(monkeypatch, dtype):
     fake = FakeCudart()
-    monkeypatch.setattr(cuda_host, "cudart", lambda: fake)
+    monkeypatch.setattr(rt, "cudart", lambda: fake)
     amx = make()
-    runner = GraphExpertsRunner(amx, max_tokens=8, device="cpu", dtype=dtype)
+    runner = HostExpertsRunner(amx, max_tokens=8, device="cpu", dtype=dtype)
     submit_fn, wait_fn = amx.make_job(*inputs(1, 0)).host_functions()
     for T, seed in ((8, 1), (3, 2), (8, 3)):
         x, ids, w = inputs(T, seed)
-        y = runner.forward_on_stream(x, ids.int(), w.double())
+        y = runner.forward(x, ids.int(), w.double())
         assert y.shape == (T, H) and y.dtype == dtype
         assert torch.equal(y, amx(x.to(dtype), ids, w))
     assert runner.python_calls == 3 and sorted(runner._jobs) == [3, 8]
@@ -120,10 +67,10 @@ def test_runner_plumbing_with_fake_runtime(monkeypatch, dtype):
     assert [fn for k, fn in fake.log[:6] if k == "host"] == [submit_fn, wait_fn]
     runner.check_status()
     with pytest.raises(ValueError, match="max 8 tokens"):
-        runner.forward_on_stream(*inputs(9, 0))
+        runner.forward(*inputs(9, 0))
     x, ids, w = inputs(3, 4)
     ids[1, 0] = E + 1  # host nodes cannot raise: the error is read afterwards
-    runner.forward_on_stream(x, ids, w)
+    runner.forward(x, ids, w)
     with pytest.raises(IndexError, match="topk_ids"):
         runner.check_status()
 
@@ -141,12 +88,12 @@ def test_runner_eager_matches_cpu_op_and_torch_experts(dtype):
     amx = make("bf16")
     ref = TorchExperts(ExpertsSpec(E, H, I, K), "cuda", {"dtype": "fp32"})
     ref.load_weights({k: v.contiguous() for k, v in amx.dequantized().items()})
-    runner = GraphExpertsRunner(amx, max_tokens=16, dtype=dtype)
-    lib = cuda_host.cudart()
+    runner = HostExpertsRunner(amx, max_tokens=16, dtype=dtype)
+    lib = rt.cudart()
     assert "libcudart" in os.path.basename(lib.path)
     for T, seed in ((16, 1), (5, 2), (1, 3)):
         x, ids, w = inputs(T, seed, "cuda")
-        y = runner.forward_on_stream(x, ids, w).clone()
+        y = runner.forward(x, ids, w).clone()
         torch.cuda.synchronize()
         assert y.device.type == "cuda" and y.shape == (T, H) and y.dtype == dtype
         assert torch.equal(y.cpu(), amx(x.cpu().to(dtype), ids.cpu(), w.cpu()))
@@ -165,7 +112,7 @@ def _kt_amx_profiler(counter):
 @pytest.mark.parametrize("T", [1, 7])
 def test_graph_capture_replays_cpu_experts_without_python(T):
     amx = make("int4")
-    runner = GraphExpertsRunner(amx, max_tokens=8, dtype=torch.bfloat16)
+    runner = HostExpertsRunner(amx, max_tokens=8, dtype=torch.bfloat16)
     dev = torch.device("cuda")
     static_x = torch.zeros(T, H, dtype=torch.bfloat16, device=dev)
     static_ids = torch.zeros(T, K, dtype=torch.int64, device=dev)
@@ -173,7 +120,7 @@ def test_graph_capture_replays_cpu_experts_without_python(T):
     a = torch.randn(1024, 1024, device=dev)
 
     def step():
-        pending = runner.submit_on_stream(static_x, static_ids, static_w)
+        pending = runner.submit(static_x, static_ids, static_w)
         other = torch.relu(a @ a).sum(dim=1)  # unrelated GPU work between submit and wait
         y = pending.finish()
         return y.float() * 2.0 + 1.0, other
@@ -197,7 +144,7 @@ def test_graph_capture_replays_cpu_experts_without_python(T):
 
     for seed in range(1, 6):
         x, ids, w = inputs(T, seed, dev)
-        eager = runner.forward_on_stream(x.bfloat16(), ids, w).float() * 2.0 + 1.0
+        eager = runner.forward(x.bfloat16(), ids, w).float() * 2.0 + 1.0
         torch.cuda.synchronize()
         eager = eager.cpu()
         static_x.copy_(x.bfloat16()), static_ids.copy_(ids), static_w.copy_(w)

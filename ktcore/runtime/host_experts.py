@@ -1,0 +1,139 @@
+"""CPU experts driven from GPU tensors through static pinned buffers and CUDA host nodes.
+
+``HostExpertsRunner(experts, max_tokens)`` works with any Experts operator that offers the
+job protocol below (kt-amx's and kt-llamafile's do). It owns pinned host buffers (x,
+topk_ids, topk_weights, y) sized for ``max_tokens`` and one job per token count;
+``submit(x, ids, w)`` enqueues on the current (or given) stream
+
+    D2H copies into the pinned buffers -> host node "submit"
+
+and returns a ``PendingForward`` whose ``finish()`` enqueues
+
+    host node "wait" -> H2D copy of y into a static GPU buffer
+
+so the caller's GPU work in between (shared experts, GPU-owned experts) overlaps the CPU
+experts. It works eagerly and under ``torch.cuda.graph`` capture; a replay runs the CPU
+experts with no Python.
+
+Job protocol (what an Experts operator must offer to run inside a graph):
+
+- ``make_job(x, topk_ids, topk_weights, y) -> job`` binding fixed contiguous CPU buffers
+  (x/y fp32 or bf16 ``[T, H]``, ids int64 ``[T, K]``, weights fp32 ``[T, K]``);
+- ``job.host_functions() -> (submit_fn, wait_fn)``: addresses of C functions
+  ``void f(void *job)`` that hand the job to the backend's workers and return, and that block
+  until it is done; ``job.address``: the ``void *`` to pass them;
+- ``job.wait()``: raises the error of the last run (host functions cannot raise);
+- optionally ``reserve(tokens, top_k)``: sizes the operator's workspace before capture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ktcore.runtime import cudart as rt
+
+
+def supports_host_jobs(experts) -> bool:
+    """True for Experts operators that offer the job protocol (module docstring)."""
+    return callable(getattr(experts, "make_job", None))
+
+
+class PendingForward:
+    """A submitted forward: ``finish()`` enqueues the wait and the copy back, returns y."""
+
+    def __init__(self, runner: HostExpertsRunner, job, T: int, stream: int):
+        self.runner, self.job, self.T, self.stream = runner, job, T, stream
+
+    def finish(self) -> torch.Tensor:
+        r = self.runner
+        rt.enqueue_host_func(self.job.host_functions()[1], self.job.address, self.stream)
+        y_pin = r.y_pin[:self.T]
+        y = r.y_gpu[:self.T]
+        rt.cudart().memcpy_async(y.data_ptr(), y_pin.data_ptr(), y_pin.numel() * y_pin.element_size(), self.stream)
+        return y
+
+
+class HostExpertsRunner:
+    """Runs a CPU Experts operator from GPU tensors (see the module docstring).
+
+    ``submit(...).finish()`` returns a view of a static GPU output buffer ``y_gpu[:T]``
+    (overwritten by the next forward, like any graph output): clone it to keep it. One
+    forward of a runner in flight at a time, and none of the operator's eager forwards while
+    one is (they may share the operator's workspace).
+    """
+
+    def __init__(self, experts, max_tokens: int, device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.bfloat16):
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError("HostExpertsRunner: dtype must be fp32 or bf16")
+        if not supports_host_jobs(experts):
+            raise TypeError(f"HostExpertsRunner: {type(experts).__name__} has no make_job() (the job protocol)")
+        self.experts = experts
+        self.max_tokens = int(max_tokens)
+        self.device = torch.device(device if device is not None else "cuda")
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        spec = experts.spec
+        H, K, T = spec.hidden_size, spec.top_k, self.max_tokens
+        self.dtype = dtype
+        pin = self.device.type == "cuda"  # device "cpu": plumbing tests with a fake runtime only
+        self.x_pin = torch.zeros(T, H, dtype=dtype, pin_memory=pin)
+        self.ids_pin = torch.zeros(T, K, dtype=torch.int64, pin_memory=pin)
+        self.w_pin = torch.zeros(T, K, dtype=torch.float32, pin_memory=pin)
+        self.y_pin = torch.zeros(T, H, dtype=dtype, pin_memory=pin)
+        self.y_gpu = torch.zeros(T, H, dtype=dtype, device=self.device)
+        if hasattr(experts, "reserve"):
+            experts.reserve(T, K)  # workspace sized once, before any capture
+        self._jobs: dict[int, object] = {}
+        self.python_calls = 0  # forwards that went through Python (a replay adds none)
+
+    def job(self, T: int):
+        """The job bound to the first T rows of the static buffers (made once per T)."""
+        job = self._jobs.get(T)
+        if job is None:
+            job = self.experts.make_job(self.x_pin[:T], self.ids_pin[:T], self.w_pin[:T], self.y_pin[:T])
+            self._jobs[T] = job
+        return job
+
+    def submit(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+               stream: torch.cuda.Stream | int | None = None) -> PendingForward:
+        """Enqueues the copies into the pinned buffers and the submit host node."""
+        self.python_calls += 1
+        T = x.shape[0]
+        K = self.experts.spec.top_k
+        if T > self.max_tokens or tuple(topk_ids.shape) != (T, K) or topk_weights.shape != topk_ids.shape:
+            raise ValueError(f"HostExpertsRunner: got x {tuple(x.shape)}, ids {tuple(topk_ids.shape)}, "
+                             f"weights {tuple(topk_weights.shape)} for max {self.max_tokens} tokens of top-{K}")
+        for name, t in (("x", x), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+            if t.device != self.device:
+                raise ValueError(f"HostExpertsRunner: {name} is on {t.device}, expected {self.device}")
+        if self.device.type == "cuda":
+            stream = rt.as_stream(stream)
+            handle = int(stream.cuda_stream)
+            ctx = torch.cuda.stream(stream)
+        else:
+            handle, ctx = int(stream or 0), contextlib.nullcontext()
+        with ctx:
+            # conversions (when needed) are allocated and run on this stream, so their memory
+            # is not reused before the copies below (enqueued on the same stream) have read it
+            srcs = (x.to(self.dtype).contiguous(), topk_ids.to(torch.int64).contiguous(),
+                    topk_weights.to(torch.float32).contiguous())
+        job = self.job(T)
+        for src, dst in zip(srcs, (self.x_pin, self.ids_pin, self.w_pin)):
+            rt.cudart().memcpy_async(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size(), handle)
+        rt.enqueue_host_func(job.host_functions()[0], job.address, handle)
+        return PendingForward(self, job, T, handle)
+
+    def check_status(self) -> None:
+        """Raises the error of the last finished forward of each token count, if any (host
+        nodes cannot raise: e.g. ``topk_ids`` out of range leave y undefined). Call after the
+        stream (or graph replay) is synchronised; it does not block on a finished job."""
+        for job in self._jobs.values():
+            job.wait()
+
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                stream: torch.cuda.Stream | int | None = None) -> torch.Tensor:
+        """submit + wait + copy back; returns ``y_gpu[:T]`` (see the class docstring)."""
+        return self.submit(x, topk_ids, topk_weights, stream).finish()
