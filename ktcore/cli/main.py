@@ -17,7 +17,7 @@ from ktcore.errors import KtError
 
 #: Modules that contribute sub-commands, in the order ``kt --help`` lists them.
 COMMAND_MODULES = ("ktcore.cli.backends_cmd", "ktcore.cli.rules_cmd", "ktcore.cli.demo_cmd",
-                   "ktcore.cli.generate_cmd", "ktcore.cli.make_model_cmd")
+                   "ktcore.cli.generate_cmd", "ktcore.cli.make_model_cmd", "ktcore.cli.bench_cmd")
 
 log = logging.getLogger("ktcore")
 

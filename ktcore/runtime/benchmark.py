@@ -1,0 +1,223 @@
+"""``kt bench``: prefill and decode speed of a full-size-shaped random model on this host.
+
+One case loads a synthetic model (real config shape, deterministic random weights, the real
+loading code and rule file) and measures:
+
+- prefill tokens/s for each prompt length (chunked as the runtime prefills);
+- decode tokens/s eager and with the captured CUDA graph (when the model allows one), and the
+  graph's speedup;
+- decode as a fraction of the CPU-bandwidth roofline: the bytes of CPU expert weights a token
+  reads on average (top-k experts x the CPU's share of each layer's experts) / the host read
+  bandwidth measured in the same run, against the measured time per token;
+- for each reduced expert count: decode tokens/s and the mean KL divergence of the logits
+  against the full count over held-out tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DECODE_PROMPT = 32  # prompt tokens before a decode measurement
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    """One model to benchmark; ``layers`` cuts the preset to its first layers; ``rules`` is
+    a rule file (path or shipped name) or the YAML text of one."""
+
+    name: str
+    arch: str
+    preset: str
+    layers: int | None
+    rules: str
+    dtype: str = "bf16"
+    prompt_lengths: tuple[int, ...] = (512, 4096)
+    decode_tokens: int = 64
+    experts_per_token: tuple[int, ...] = ()
+    kl_tokens: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.prompt_lengths or min(self.prompt_lengths) < 1:
+            raise ValueError(f"BenchCase {self.name}: prompt lengths must be positive, got {self.prompt_lengths}")
+        if self.decode_tokens < 2:
+            raise ValueError(f"BenchCase {self.name}: decode_tokens must be at least 2")
+
+
+#: Every module on the GPU (bf16) but the routed experts: int4 on the CPU with kt-amx.
+GPU_WITH_AMX_INT4_EXPERTS = """\
+default_device: cuda:0
+rules:
+  - match: {module: mlp.experts}
+    replace: {op: experts, backend: amx, device: cpu, options: {format: int4}}
+"""
+
+#: The runtime issue's models.
+CASES = {
+    "qwen3-30b-a3b-12l": BenchCase("qwen3-30b-a3b-12l", "qwen3_moe", "qwen3-30b-a3b", 12, GPU_WITH_AMX_INT4_EXPERTS,
+                                   experts_per_token=(6, 4)),
+    "deepseek-v2-lite": BenchCase("deepseek-v2-lite", "deepseek_v2", "deepseek-v2-lite", None,
+                                  GPU_WITH_AMX_INT4_EXPERTS, experts_per_token=(4,)),
+}
+
+#: llama.cpp on the same GPU host as reported in the runtime issue (12-layer Qwen3-30B-A3B
+#: shape, Q4_K_M, all MoE experts on the CPU, best of 8/14/16 threads).
+PEERS = {"qwen3-30b-a3b-12l": {"source": "llama.cpp (ggml 0.25.3, CUDA), figures from the runtime issue",
+                               "decode_tokens_per_s": 290.0,
+                               "prefill_tokens_per_s": {"512": 2470.0, "4096": 2979.0}}}
+
+
+@dataclass
+class Result:
+    case: dict
+    host: dict
+    load_s: float = 0.0
+    prefill: dict = field(default_factory=dict)  # str(length) -> tokens/s
+    decode: dict = field(default_factory=dict)
+    selective: list = field(default_factory=list)
+    peer: dict | None = None
+
+
+def host_read_bandwidth(gib: float = 4.0, reps: int = 5) -> float:
+    """Bytes/s of torch summing a buffer of ``gib`` on all its threads (best of ``reps``)."""
+    buf = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best
+
+
+def host_info() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpus": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def cpu_expert_bytes_per_token(model, experts_per_token: int | None = None) -> float:
+    """Average bytes of CPU expert weights one decode token reads: per layer, the top-k
+    experts times the share of them the CPU owns, times one CPU expert's packed bytes."""
+    from ktcore.runtime.blocks import ExpertsParts
+
+    total = 0.0
+    for module in model.decoder.modules():
+        if not isinstance(module, ExpertsParts):
+            continue
+        for part in module.parts:
+            if part.device.type != "cpu":
+                continue
+            spec = part.spec
+            nbytes = part.packed_bytes() if hasattr(part, "packed_bytes") else sum(
+                t.numel() * t.element_size() for t in (*part.parameters(), *part.buffers()))
+            k = experts_per_token or spec.top_k
+            total += k * (spec.num_owned / spec.num_experts) * nbytes / spec.num_owned
+    return total
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _decode_rate(model, prompt, tokens: int, use_graph: bool) -> float:
+    model.generate(prompt, 4, stop_ids=[], use_graph=use_graph)  # warm-up (and capture)
+    model.generate(prompt, tokens, stop_ids=[], use_graph=use_graph)
+    return model.timings.decode_tokens / model.timings.decode_s
+
+
+def run_case(case: BenchCase, bandwidth: float | None = None) -> Result:
+    import ktcore
+    from ktcore.models.presets import make_config
+    from ktcore.models.synth import SyntheticWeights
+    from ktcore.runtime.cuda_graph import graph_device
+    from ktcore.runtime.quality import experts_per_token_kl
+
+    result = Result(case=asdict(case), host=host_info())
+    config = make_config(case.arch, case.preset, layers=case.layers)
+    store = SyntheticWeights(config, seed=case.seed, dtype=torch.bfloat16)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        rules = case.rules
+        if "\n" in rules:  # the text of a rule file
+            rules = Path(tmp, f"{case.name}.yaml")
+            rules.write_text(case.rules)
+        model = ktcore.load(store=store, config=config, rules=rules, dtype=case.dtype,
+                            max_seq_len=max(*case.prompt_lengths, DECODE_PROMPT) + case.decode_tokens + 8)
+    result.load_s = time.perf_counter() - t0
+    log.info("%s: loaded in %.1f s", case.name, result.load_s)
+    gen = torch.Generator().manual_seed(case.seed)
+    vocab = config.vocab_size
+    for length in case.prompt_lengths:
+        ids = torch.randint(3, vocab, (length,), generator=gen)
+        model.generate(ids[:min(length, 64)], 1, stop_ids=[])  # warm-up
+        model.generate(ids, 1, stop_ids=[])
+        result.prefill[str(length)] = length / model.timings.prefill_s
+        log.info("%s: prefill %d tokens: %.1f tokens/s", case.name, length, result.prefill[str(length)])
+    prompt = torch.randint(3, vocab, (DECODE_PROMPT,), generator=gen)
+    bandwidth = bandwidth or host_read_bandwidth()
+    eager = _decode_rate(model, prompt, case.decode_tokens, use_graph=False)
+    device, reason = graph_device(model.decoder)
+    graph = _decode_rate(model, prompt, case.decode_tokens, use_graph=True) if device is not None else None
+    best = graph or eager
+    per_token = cpu_expert_bytes_per_token(model)
+    result.decode = {
+        "eager_tokens_per_s": eager, "graph_tokens_per_s": graph, "graph_speedup": graph / eager if graph else None,
+        "graph_unavailable": reason or None, "cpu_expert_bytes_per_token": per_token,
+        "host_read_bandwidth_gb_s": bandwidth / 1e9, "roofline_tokens_per_s": bandwidth / per_token if per_token else None,
+        "roofline_fraction": best * per_token / bandwidth if per_token else None,
+    }
+    log.info("%s: decode %s", case.name, result.decode)
+    held_out = torch.randint(3, vocab, (case.kl_tokens,), generator=gen)
+    kl = experts_per_token_kl(model, held_out, case.experts_per_token)
+    for n in case.experts_per_token:
+        model.set_experts_per_token(n)
+        rate = _decode_rate(model, prompt, case.decode_tokens, use_graph=device is not None)
+        result.selective.append({"experts_per_token": n, "of": int(config.num_experts_per_tok),
+                                 "decode_tokens_per_s": rate, "speedup": rate / best, "mean_kl_nats": kl[n]})
+        log.info("%s: %d experts per token: %s", case.name, n, result.selective[-1])
+    model.set_experts_per_token(None)
+    result.peer = PEERS.get(case.name)
+    return result
+
+
+def markdown(results: list[Result]) -> str:
+    """A table of the figures, with the peer's beside them where known."""
+    lines = ["| case | prefill tok/s | decode eager tok/s | decode graph tok/s | graph speedup | roofline fraction |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        pre = ", ".join(f"{k}: {v:.0f}" for k, v in r.prefill.items())
+        d = r.decode
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        lines.append(f"| {r.case['name']} | {pre} | {d['eager_tokens_per_s']:.1f} | {fmt(d['graph_tokens_per_s'], '.1f')} "
+                     f"| {fmt(d['graph_speedup'], '.2f')} | {fmt(d['roofline_fraction'], '.2f')} |")
+    for r in results:
+        for s in r.selective:
+            lines.append(f"\n{r.case['name']}: {s['experts_per_token']} of {s['of']} experts per token: "
+                         f"{s['decode_tokens_per_s']:.1f} tok/s ({s['speedup']:.2f}x), mean KL {s['mean_kl_nats']:.4f} nats")
+        if r.peer:
+            d = r.decode["graph_tokens_per_s"] or r.decode["eager_tokens_per_s"]
+            ratios = ", ".join(f"{k}: {r.prefill[k] / v:.2f}x" for k, v in r.peer["prefill_tokens_per_s"].items()
+                               if k in r.prefill)
+            lines.append(f"\n{r.case['name']} against {r.peer['source']}: decode {d / r.peer['decode_tokens_per_s']:.2f}x, "
+                         f"prefill {ratios}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,70 @@
+"""``kt bench``'s measurements on a tiny model with kt-amx CPU experts: every figure is
+present and in range, the roofline's byte count is the experts' packed bytes, and the CLI
+writes JSON and Markdown."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import ktcore
+from ktcore.cli.main import main
+from ktcore.models.presets import make_config
+from ktcore.models.synth import SyntheticWeights
+from ktcore.runtime import benchmark
+from ktcore.runtime.benchmark import BenchCase, cpu_expert_bytes_per_token, markdown, run_case
+from ktcore.runtime.blocks import ExpertsParts
+
+pytest.importorskip("kt_amx", reason="the benchmark cases run kt-amx CPU experts")
+
+CPU_RULES = """\
+default_device: cpu
+rules:
+  - match: {module: mlp.experts}
+    replace: {op: experts, backend: amx, device: cpu, options: {format: int4, group_size: 32}}
+"""
+TINY = BenchCase("tiny", "qwen3_moe", "tiny", None, CPU_RULES, dtype="fp32", prompt_lengths=(20, 40),
+                 decode_tokens=6, experts_per_token=(2,), kl_tokens=12)
+
+
+def test_run_case_reports_every_figure():
+    result = run_case(TINY, bandwidth=20e9)
+    assert set(result.prefill) == {"20", "40"} and all(v > 0 for v in result.prefill.values())
+    d = result.decode
+    assert d["eager_tokens_per_s"] > 0 and d["graph_tokens_per_s"] is None
+    assert "embed_tokens on cpu" in d["graph_unavailable"]
+    assert 0 < d["roofline_fraction"] < 1
+    (sel,) = result.selective
+    assert sel["experts_per_token"] == 2 and sel["of"] == 4 and sel["mean_kl_nats"] > 0
+    table = markdown([result])
+    assert "| tiny |" in table and "2 of 4 experts per token" in table
+
+
+def test_roofline_bytes_are_the_cpu_experts_packed_bytes(tmp_path):
+    config = make_config("qwen3_moe")
+    rules = "default_device: cpu\nrules:\n  - match: {module: mlp.experts}\n    replace:\n      op: experts\n" \
+            "      split:\n        - {experts: 0-3, backend: torch, device: cpu}\n" \
+            "        - {experts: rest, backend: amx, device: cpu, options: {format: int4, group_size: 32}}\n"
+    path = tmp_path / "split.yaml"
+    path.write_text(rules)
+    model = ktcore.load(store=SyntheticWeights(config), config=config, rules=path, max_seq_len=16)
+    amx = [p for m in model.decoder.modules() if isinstance(m, ExpertsParts) for p in m.parts if hasattr(p, "packed_bytes")]
+    torch_parts = [p for m in model.decoder.modules() if isinstance(m, ExpertsParts) for p in m.parts
+                   if not hasattr(p, "packed_bytes")]
+    K, E = config.num_experts_per_tok, config.num_experts
+    want = sum(K * p.packed_bytes() / E for p in amx)
+    want += sum(K * sum(t.numel() * t.element_size() for t in p.buffers() if t.is_floating_point()) / E
+                for p in torch_parts)
+    got = cpu_expert_bytes_per_token(model)
+    assert got == pytest.approx(want, rel=0.02)  # torch parts: slot_of is counted too
+    assert cpu_expert_bytes_per_token(model, 2) == pytest.approx(got / 2)
+
+
+def test_cli_writes_json_and_markdown(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(benchmark.CASES, "tiny", TINY)
+    monkeypatch.setattr(benchmark, "host_read_bandwidth", lambda: 20e9)
+    assert main(["bench", "--case", "tiny", "--prompt-lengths", "16", "--decode-tokens", "4", "--out", str(tmp_path)]) == 0
+    (doc,) = json.loads((tmp_path / "results.json").read_text())
+    assert doc["case"]["prompt_lengths"] == [16] and doc["decode"]["host_read_bandwidth_gb_s"] == 20.0
+    assert "| tiny |" in (tmp_path / "results.md").read_text() and "| tiny |" in capsys.readouterr().out
