@@ -27,6 +27,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--max-seq-len", type=int, help="cache length (default: min(model maximum, 4096))")
     parser.add_argument("--experts-per-token", type=int,
                         help="routed experts per token, fewer than the config's for speed (weights renormalised as configured)")
+    parser.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile(fullgraph=True)")
     parser.add_argument("--json", action="store_true", help="print text, token ids, prompt length and timings as JSON")
     parser.set_defaults(func=run)
 
@@ -42,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         model_path = default_model_dir()
     model = ktcore.load(model_path, gguf=args.gguf, rules=args.rules, dtype=args.dtype,
                         max_seq_len=args.max_seq_len, progress=not args.json,
-                        experts_per_token=args.experts_per_token)
+                        experts_per_token=args.experts_per_token, compile=args.compile)
     if model.tokenizer is None:
         raise KtError(f"{model_path or args.gguf}: no tokenizer, so the prompt cannot be encoded")
     prompt_ids = model.tokenizer.encode(args.prompt, add_special_tokens=False)

@@ -46,6 +46,7 @@ class BenchCase:
     experts_per_token: tuple[int, ...] = ()
     kl_tokens: int = 128
     seed: int = 0
+    compile: bool = True  # the captured decode step compiled with torch.compile(fullgraph=True)
 
     def __post_init__(self) -> None:
         if not self.prompt_lengths or min(self.prompt_lengths) < 1:
@@ -161,7 +162,7 @@ def run_case(case: BenchCase, bandwidth: float | None = None) -> Result:
         if "\n" in rules:  # the text of a rule file
             rules = Path(tmp, f"{case.name}.yaml")
             rules.write_text(case.rules)
-        model = ktcore.load(store=store, config=config, rules=rules, dtype=case.dtype,
+        model = ktcore.load(store=store, config=config, rules=rules, dtype=case.dtype, compile=case.compile,
                             max_seq_len=max(*case.prompt_lengths, DECODE_PROMPT) + case.decode_tokens + 8)
     result.load_s = time.perf_counter() - t0
     log.info("%s: loaded in %.1f s", case.name, result.load_s)

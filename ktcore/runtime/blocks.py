@@ -66,7 +66,10 @@ class ExpertsParts(nn.Module):
         """Starts the forward; the returned function finishes it and gives y [T, H]."""
         # x: [T, H]; topk_ids, topk_weights: [T, K]
         via_host = self._use_runners(x)
-        pending = [r.submit(x, topk_ids, topk_weights) for r in self.runners.values()] if via_host else []
+        tickets = []  # (ticket, runner handle) of the submitted CPU parts: ktcore.runtime.host_experts' ops
+        if via_host:
+            tickets = [(torch.ops.ktcore.host_experts_submit(x, topk_ids, topk_weights, r.handle), r.handle)
+                       for r in self.runners.values()]
         out = None
         for i, part in enumerate(self.parts):
             if via_host and i in self.runners:
@@ -77,8 +80,8 @@ class ExpertsParts(nn.Module):
 
         def finish() -> torch.Tensor:
             result = out
-            for p in pending:
-                y = p.finish().to(x.dtype)
+            for ticket, handle in tickets:
+                y = torch.ops.ktcore.host_experts_finish(ticket, x, handle)
                 result = y if result is None else result + y
             return result
 

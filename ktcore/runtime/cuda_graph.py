@@ -58,12 +58,16 @@ def graph_device(decoder) -> tuple[torch.device | None, str]:
 
 
 class GraphDecodeStep:
-    """``step(token, position) -> logits[B, V]`` replaying one captured decode step (T = 1)."""
+    """``step(token, position) -> logits[B, V]`` replaying one captured decode step (T = 1);
+    ``compile``: the captured step is the decoder compiled with ``torch.compile(fullgraph=True)``
+    (fewer, fused kernels per layer)."""
 
-    def __init__(self, decoder, device: torch.device, batch: int = 1, warmup: int = 2):
+    def __init__(self, decoder, device: torch.device, batch: int = 1, warmup: int = 2, compile: bool = False):
         if device.type != "cuda":
             raise KtError(f"CUDA graphs need a CUDA device, got {device}")
         self.decoder = decoder
+        # compiled once for this batch and T = 1: captured below, never re-traced at replay
+        forward = torch.compile(decoder, fullgraph=True, dynamic=False) if compile else decoder
         self.experts = [m for m in decoder.modules() if isinstance(m, ExpertsParts) and m.host_job_parts()]
         for experts in self.experts:  # CPU experts from host nodes, static pinned buffers
             experts.attach_host_runners(batch, device, decoder.cache_dtype)
@@ -74,11 +78,11 @@ class GraphDecodeStep:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), torch.inference_mode():  # warm-up: lazy inits outside capture
             for _ in range(warmup):
-                decoder(self.ids, self.positions, self.lens)
+                forward(self.ids, self.positions, self.lens)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.inference_mode():
-            self.logits = decoder(self.ids, self.positions, self.lens)[:, -1]  # [B, V]
+            self.logits = forward(self.ids, self.positions, self.lens)[:, -1]  # [B, V]
         decoder.reset()  # the warm-up wrote into slot 0; prefill starts from clean caches
 
     def step(self, token: torch.Tensor, position: int) -> torch.Tensor:

@@ -29,10 +29,17 @@ Job protocol (what an Experts operator must offer to run inside a graph):
 from __future__ import annotations
 
 import contextlib
+import itertools
+import weakref
 
 import torch
 
 from ktcore.runtime import cudart as rt
+
+
+#: Live runners by handle: the custom ops below receive the handle (an int), not the runner.
+_RUNNERS: weakref.WeakValueDictionary[int, HostExpertsRunner] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count(1)
 
 
 def supports_host_jobs(experts) -> bool:
@@ -87,7 +94,10 @@ class HostExpertsRunner:
         if hasattr(experts, "reserve"):
             experts.reserve(T, K)  # workspace sized once, before any capture
         self._jobs: dict[int, object] = {}
+        self._pending: PendingForward | None = None  # between the two custom ops
         self.python_calls = 0  # forwards that went through Python (a replay adds none)
+        self.handle = next(_HANDLES)
+        _RUNNERS[self.handle] = self
 
     def job(self, T: int):
         """The job bound to the first T rows of the static buffers (made once per T)."""
@@ -137,3 +147,37 @@ class HostExpertsRunner:
                 stream: torch.cuda.Stream | int | None = None) -> torch.Tensor:
         """submit + wait + copy back; returns ``y_gpu[:T]`` (see the class docstring)."""
         return self.submit(x, topk_ids, topk_weights, stream).finish()
+
+
+# ------------------------------------------------------------------------------- custom ops
+# ``submit`` and ``finish`` as operators, so that ``torch.compile(fullgraph=True)`` traces a
+# decode step with CPU experts in it: submit returns an empty "ticket" tensor that finish
+# takes, which orders the two for the compiler; finish returns y as a new tensor.
+
+
+@torch.library.custom_op("ktcore::host_experts_submit", mutates_args=())
+def host_experts_submit(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                        runner: int) -> torch.Tensor:
+    r = _RUNNERS[runner]
+    r._pending = r.submit(x, topk_ids, topk_weights)
+    return x.new_empty(0)
+
+
+@host_experts_submit.register_fake
+def _submit_fake(x, topk_ids, topk_weights, runner):
+    return x.new_empty(0)
+
+
+@torch.library.custom_op("ktcore::host_experts_finish", mutates_args=())
+def host_experts_finish(ticket: torch.Tensor, x: torch.Tensor, runner: int) -> torch.Tensor:
+    """y [T, H] in x's dtype for the forward ``ticket`` stands for (x gives the shape)."""
+    r = _RUNNERS[runner]
+    pending, r._pending = r._pending, None
+    if pending is None:
+        raise RuntimeError("host_experts_finish without a submitted forward")
+    return pending.finish().to(x.dtype, copy=True)
+
+
+@host_experts_finish.register_fake
+def _finish_fake(ticket, x, runner):
+    return torch.empty_like(x)

@@ -51,6 +51,8 @@ class Model:
     prefill_chunk: int = 512
     timings: Timings = field(default_factory=Timings)
     graph_step: object = None  # GraphDecodeStep once captured
+    compile: bool = False  # decode step compiled with torch.compile(fullgraph=True)
+    _compiled: object = None  # the compiled decoder of the eager decode step
 
     @property
     def max_len(self) -> int:
@@ -91,12 +93,18 @@ class Model:
         if use_graph and device is None:
             raise KtError(f"cannot decode with a CUDA graph: {reason}")
         if device is None:
+            forward = self.decoder
+            if self.compile:
+                if self._compiled is None:
+                    self._compiled = torch.compile(self.decoder, fullgraph=True, dynamic=False)
+                forward = self._compiled
+
             def eager(token, position):
                 positions = torch.tensor([[position]])
-                return self.decoder(token[:, None].cpu(), positions, torch.tensor([position + 1]))[:, -1]
+                return forward(token[:, None].cpu(), positions, torch.tensor([position + 1]))[:, -1]
             return eager
         if self.graph_step is None:
-            self.graph_step = GraphDecodeStep(self.decoder, device)
+            self.graph_step = GraphDecodeStep(self.decoder, device, compile=self.compile)
         return self.graph_step.step
 
     def routers(self) -> list:
@@ -163,11 +171,12 @@ def _default_rules(arch: str) -> str:
 def load(model: str | Path | None = None, gguf: str | Path | None = None, rules: str | Path | None = None,
          dtype: str | torch.dtype | None = None, max_seq_len: int | None = None, registry=None,
          progress: bool = False, store=None, config=None, tokenizer=None,
-         experts_per_token: int | None = None) -> Model:
+         experts_per_token: int | None = None, compile: bool = False) -> Model:
     """Loads a model; see the module docstring. ``store``/``config``/``tokenizer`` let callers
     pass weights already in memory (synthetic models, a transformers model's state).
     ``experts_per_token`` runs fewer routed experts per token than the config (see
-    ``Model.set_experts_per_token``)."""
+    ``Model.set_experts_per_token``). ``compile``: the decode step is compiled with
+    ``torch.compile(fullgraph=True)`` (and then captured, where a CUDA graph is used)."""
     from ktcore.backends.registry import Registry
     from ktcore.rules.placement import ModelInventory, check_rules
     from ktcore.rules.shipped import resolve_rule_path
@@ -206,7 +215,7 @@ def load(model: str | Path | None = None, gguf: str | Path | None = None, rules:
         store.close()
     _libc_call("malloc_trim", 0)
     decoder = Decoder(skeleton, config, batch=1, max_len=max_len, cache_dtype=dtype)
-    model = Model(decoder, config, tokenizer, plan)
+    model = Model(decoder, config, tokenizer, plan, compile=compile)
     if experts_per_token is not None:
         model.set_experts_per_token(experts_per_token)
     return model

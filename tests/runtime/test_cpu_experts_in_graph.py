@@ -94,6 +94,21 @@ def test_host_runner_path_gives_the_plain_tokens(arch, placement, tmp_path, monk
     assert model.generate(prompt, 12, stop_ids=[]) == want
 
 
+def test_compiled_decode_step_traces_the_host_runners_as_operators(tmp_path, monkeypatch):
+    """fullgraph=True: the runners' submit/finish are custom ops, no graph break."""
+    model = _load("qwen3_moe", "split", "cpu", tmp_path)
+    prompt = _prompt(model)
+    want = model.generate(prompt, 6, stop_ids=[])
+    monkeypatch.setattr(rt, "cudart", lambda: FakeCudart())
+    parts = _experts_parts(model)
+    for experts in parts:
+        experts.attach_host_runners(1, torch.device("cpu"), torch.float32)
+    model.compile = True
+    assert model.generate(prompt, 6, stop_ids=[]) == want
+    assert model._compiled is not None
+    assert all(r.python_calls == 5 for e in parts for r in e.runners.values())
+
+
 def test_graph_device_names_what_keeps_a_model_off_the_graph(tmp_path):
     model = _load("qwen3_moe", "all-cpu", "cpu", tmp_path)
     device, reason = graph_device(model.decoder)
@@ -111,10 +126,12 @@ def test_graph_device_names_what_keeps_a_model_off_the_graph(tmp_path):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("compile", [False, True])
 @pytest.mark.parametrize("placement", list(PLACEMENTS))
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_captured_decode_with_cpu_experts_gives_the_eager_tokens(arch, placement, tmp_path):
+def test_captured_decode_with_cpu_experts_gives_the_eager_tokens(arch, placement, compile, tmp_path):
     model = _load(arch, placement, "cuda:0", tmp_path)
+    model.compile = compile
     device, reason = graph_device(model.decoder)
     assert device == torch.device("cuda", 0), reason
     prompt = _prompt(model)
