@@ -73,9 +73,9 @@ CASES = {
 
 #: llama.cpp on the same GPU host as reported in the runtime issue (12-layer Qwen3-30B-A3B
 #: shape, Q4_K_M, all MoE experts on the CPU, best of 8/14/16 threads).
-PEERS = {"qwen3-30b-a3b-12l": {"source": "llama.cpp (ggml 0.25.3, CUDA), figures from the runtime issue",
-                               "decode_tokens_per_s": 290.0,
-                               "prefill_tokens_per_s": {"512": 2470.0, "4096": 2979.0}}}
+PEERS = {("qwen3-30b-a3b", 12): {"source": "llama.cpp (ggml 0.25.3, CUDA), figures from the runtime issue",
+                                 "decode_tokens_per_s": 290.0,
+                                 "prefill_tokens_per_s": {"512": 2470.0, "4096": 2979.0}}}
 
 
 @dataclass
@@ -197,7 +197,7 @@ def run_case(case: BenchCase, bandwidth: float | None = None) -> Result:
                                  "decode_tokens_per_s": rate, "speedup": rate / best, "mean_kl_nats": kl[n]})
         log.info("%s: %d experts per token: %s", case.name, n, result.selective[-1])
     model.set_experts_per_token(None)
-    result.peer = PEERS.get(case.name)
+    result.peer = PEERS.get((case.preset, case.layers))  # only for the same shape
     return result
 
 

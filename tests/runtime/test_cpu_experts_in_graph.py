@@ -126,8 +126,7 @@ def test_graph_device_names_what_keeps_a_model_off_the_graph(tmp_path):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("compile", [False, True])
-@pytest.mark.parametrize("placement", list(PLACEMENTS))
+@pytest.mark.parametrize(("placement", "compile"), [*((p, False) for p in PLACEMENTS), ("split", True)])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_captured_decode_with_cpu_experts_gives_the_eager_tokens(arch, placement, compile, tmp_path):
     model = _load(arch, placement, "cuda:0", tmp_path)
