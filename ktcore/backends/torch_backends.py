@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from ktcore.backends.spec import BackendSpec, OptionSpec
 
-_DTYPE = OptionSpec("dtype", str, ("bf16", "fp16", "fp32"), None,
+DTYPE_OPTION = OptionSpec("dtype", str, ("bf16", "fp16", "fp32"), None,
                     "compute/storage dtype; default: the weight's dtype (fp32 for GGUF)")
 
-_MAX_POSITIONS = OptionSpec("max_positions", int, None, None,
+MAX_POSITIONS_OPTION = OptionSpec("max_positions", int, None, None,
                             "length of the RoPE table (default: the model's maximum; the runtime passes its cache length)")
 
 _FACTORIES = {
@@ -27,7 +27,7 @@ def register(registry) -> None:
             devices=("cpu", "cuda"),
             factory=factory,
             formats=("dense", "gguf:*"),
-            options={"linear": (_DTYPE,), "experts": (_DTYPE,), "mla": (_DTYPE, _MAX_POSITIONS),
-                     "rope": (_MAX_POSITIONS,)}[op],
+            options={"linear": (DTYPE_OPTION,), "experts": (DTYPE_OPTION,), "mla": (DTYPE_OPTION, MAX_POSITIONS_OPTION),
+                     "rope": (MAX_POSITIONS_OPTION,)}[op],
             description=f"pure-torch reference {op} (the correctness oracle; GGUF is dequantised at load)",
         ))

@@ -6,6 +6,7 @@ import importlib.util
 
 from ktcore.backends import host
 from ktcore.backends.spec import BackendSpec, OptionSpec
+from ktcore.backends.torch_backends import DTYPE_OPTION, MAX_POSITIONS_OPTION
 
 _FACTORIES = {
     "linear": "kt_marlin.linear:MarlinLinear",
@@ -15,6 +16,9 @@ _FACTORIES = {
 }
 _FORMAT = OptionSpec("format", str, ("bf16", "int8", "int4"), "bf16", "weight format on the GPU")
 _GROUP = OptionSpec("group_size", int, (32, 64, 128), 128, "int4 quantisation group")
+_OPTIONS = {"linear": (_FORMAT, _GROUP), "experts": (_FORMAT, _GROUP), "mla": (DTYPE_OPTION, MAX_POSITIONS_OPTION),
+            "rope": (MAX_POSITIONS_OPTION,)}  # mla and rope as ktcore's torch backends take them
+
 
 
 def probe_for(factory: str):
@@ -41,7 +45,7 @@ def register(registry) -> None:
             devices=("cuda",),
             factory=factory,
             formats=("dense", "gguf:*"),
-            options=(_FORMAT, _GROUP) if op in ("linear", "experts") else (),
+            options=_OPTIONS[op],
             probe=probe_for(factory),
             description=f"Triton GPU {op}, capture-safe",
         ))
