@@ -47,6 +47,14 @@ class StaticCache(nn.Module):
         for name in self.names:
             getattr(self, name).zero_()
 
+    def rows(self, start: int, stop: int) -> "StaticCache":
+        """A cache of rows ``[start, stop)`` sharing this one's memory (a sequence's slot):
+        writes through it land in this cache."""
+        view = type(self).__new__(type(self))
+        view.__dict__ = dict(self.__dict__)
+        view._buffers = {name: buffer[start:stop] for name, buffer in self._buffers.items()}
+        return view
+
 
 def visible_slots(positions: torch.Tensor, cache_lens: torch.Tensor, kv_len: int) -> torch.Tensor:
     """[B, T, S] bool: slot ``s`` is visible to token (b, t) iff ``s <= positions[b, t]`` and

@@ -58,7 +58,8 @@ def graph_device(decoder) -> tuple[torch.device | None, str]:
 
 
 class GraphDecodeStep:
-    """``step(token, position) -> logits[B, V]`` replaying one captured decode step (T = 1);
+    """``step(tokens, positions) -> logits[B, V]`` replaying one captured decode step (T = 1)
+    of ``batch`` sequences (cache rows ``[0, batch)``);
     ``compile``: the captured step is the decoder compiled with ``torch.compile(fullgraph=True)``
     (fewer, fused kernels per layer)."""
 
@@ -69,8 +70,9 @@ class GraphDecodeStep:
         # compiled once for this batch and T = 1: captured below, never re-traced at replay
         forward = torch.compile(decoder, fullgraph=True, dynamic=False) if compile else decoder
         self.experts = [m for m in decoder.modules() if isinstance(m, ExpertsParts) and m.host_job_parts()]
-        for experts in self.experts:  # CPU experts from host nodes, static pinned buffers
-            experts.attach_host_runners(batch, device, decoder.cache_dtype)
+        for experts in self.experts:  # CPU experts from host nodes, static pinned buffers shared
+            if not experts.runners:  # by every batch bucket's graph (sized for the largest)
+                experts.attach_host_runners(decoder.batch, device, decoder.cache_dtype)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1]
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1]
         self.lens = torch.ones(batch, dtype=torch.long, device=device)  # [B]
@@ -83,12 +85,14 @@ class GraphDecodeStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph), torch.inference_mode():
             self.logits = forward(self.ids, self.positions, self.lens)[:, -1]  # [B, V]
-        decoder.reset()  # the warm-up wrote into slot 0; prefill starts from clean caches
+        decoder.reset()  # the warm-up wrote into the caches; prefill starts from clean ones
 
-    def step(self, token: torch.Tensor, position: int) -> torch.Tensor:
-        self.ids.copy_(token.reshape(self.ids.shape), non_blocking=True)
-        self.positions.fill_(position)
-        self.lens.fill_(position + 1)
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens, positions: [B] -> logits [B, V] (a view of the graph's output buffer)."""
+        self.ids.copy_(tokens.reshape(self.ids.shape), non_blocking=True)
+        positions = positions.reshape(self.lens.shape).to(self.lens.device, non_blocking=True)
+        self.positions.copy_(positions[:, None])
+        torch.add(positions, 1, out=self.lens)
         self.graph.replay()
         return self.logits
 

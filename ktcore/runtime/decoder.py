@@ -2,7 +2,8 @@
 
 ``Decoder.forward(ids[B, T], positions[B, T], cache_lens[B]) -> logits[B, T, V]`` writes the
 tokens' keys (or MLA latents) at ``positions`` and attends to every slot below
-``cache_lens``. Hidden states follow the modules from device to device (a multi-GPU plan
+``cache_lens``. The caches hold ``batch`` rows, one per concurrent sequence: a decode step runs
+rows ``[0, B)`` together, a prefill runs one sequence on its own row (``slot``). Hidden states follow the modules from device to device (a multi-GPU plan
 keeps layers on several GPUs).
 """
 
@@ -32,8 +33,11 @@ class Decoder(nn.Module):
             cache.reset()
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, slot: int | None = None) -> torch.Tensor:
+        """``slot``: the batch (of one sequence) uses cache row ``slot`` instead of rows
+        ``[0, B)`` (prefill of one of several concurrent sequences)."""
         inner = self.model.model
+        caches = self.caches if slot is None else [c.rows(slot, slot + ids.shape[0]) for c in self.caches]
         embed_dev = device_of(inner.embed_tokens)
         h = inner.embed_tokens(ids.to(embed_dev))  # [B, T, H]
         moved: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -43,7 +47,7 @@ class Decoder(nn.Module):
             if attn_dev not in moved:
                 moved[attn_dev] = (positions.to(attn_dev), cache_lens.to(attn_dev))
             pos, lens = moved[attn_dev]
-            a = layer.self_attn(layer.input_layernorm(h).to(attn_dev), pos, self.caches[i], lens)
+            a = layer.self_attn(layer.input_layernorm(h).to(attn_dev), pos, caches[i], lens)
             h = h + a.to(h.device)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         if last_only:

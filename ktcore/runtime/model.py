@@ -50,7 +50,7 @@ class Model:
     plan: object
     prefill_chunk: int = 512
     timings: Timings = field(default_factory=Timings)
-    graph_step: object = None  # GraphDecodeStep once captured
+    graph_steps: dict = field(default_factory=dict)  # batch bucket -> captured GraphDecodeStep
     compile: bool = False  # decode step compiled with torch.compile(fullgraph=True)
     _compiled: object = None  # the compiled decoder of the eager decode step
 
@@ -58,13 +58,28 @@ class Model:
     def max_len(self) -> int:
         return self.decoder.max_len
 
+    @property
+    def max_batch(self) -> int:
+        """Sequences ``generate_batch`` can run together (cache rows)."""
+        return self.decoder.batch
+
+    @property
+    def graph_step(self):
+        """The captured single-sequence decode step, if any."""
+        return self.graph_steps.get(1)
+
+    def bucket(self, n: int) -> int:
+        """The batch a decode step of n sequences runs with: the next power of two, at most
+        ``max_batch`` (one captured graph per bucket)."""
+        return min(1 << (n - 1).bit_length(), self.max_batch)
+
     def _check_length(self, n: int) -> None:
         if n > self.max_len:
             raise KtError(f"sequence of {n} tokens exceeds the cache length {self.max_len} (load with max_seq_len=...)")
 
-    def _prefill(self, ids: torch.Tensor, last_only: bool) -> torch.Tensor:
-        """ids: [T] -> logits [T, V] (or [1, V]); fills the caches in chunks of ``prefill_chunk``."""
-        self.decoder.reset()
+    def _prefill(self, ids: torch.Tensor, last_only: bool, slot: int = 0) -> torch.Tensor:
+        """ids: [T] -> logits [T, V] (or [1, V]); fills cache row ``slot`` in chunks of
+        ``prefill_chunk``."""
         outputs = []
         for start in range(0, ids.numel(), self.prefill_chunk):
             chunk = ids[start:start + self.prefill_chunk][None]  # [1, C]
@@ -72,7 +87,7 @@ class Model:
             positions = torch.arange(start, end)[None]  # [1, C]
             lens = torch.tensor([end])
             final = end == ids.numel()
-            logits = self.decoder(chunk, positions, lens, last_only=last_only)  # [1, C or 1, V]
+            logits = self.decoder(chunk, positions, lens, last_only=last_only, slot=slot)  # [1, C or 1, V]
             if final or not last_only:
                 outputs.append(logits[0])
         return torch.cat(outputs)
@@ -84,9 +99,10 @@ class Model:
         self._check_length(ids.numel())
         return self._prefill(ids, last_only=False).float().cpu()
 
-    def _decode_step(self, use_graph: bool | None):
-        """The decode step: a captured CUDA graph where the model allows one (``use_graph``
-        None: whenever it does), else the eager decoder."""
+    def _decode_step(self, use_graph: bool | None, batch: int = 1):
+        """``step(tokens[B], positions[B]) -> logits[B, V]`` for a batch bucket: a captured
+        CUDA graph where the model allows one (``use_graph`` None: whenever it does), else the
+        eager decoder."""
         from ktcore.runtime.cuda_graph import GraphDecodeStep, graph_device
 
         device, reason = graph_device(self.decoder) if use_graph is not False else (None, "")
@@ -99,13 +115,13 @@ class Model:
                     self._compiled = torch.compile(self.decoder, fullgraph=True, dynamic=False)
                 forward = self._compiled
 
-            def eager(token, position):
-                positions = torch.tensor([[position]])
-                return forward(token[:, None].cpu(), positions, torch.tensor([position + 1]))[:, -1]
+            def eager(tokens, positions):
+                positions = positions.cpu()
+                return forward(tokens[:, None].cpu(), positions[:, None], positions + 1)[:, -1]
             return eager
-        if self.graph_step is None:
-            self.graph_step = GraphDecodeStep(self.decoder, device, compile=self.compile)
-        return self.graph_step.step
+        if batch not in self.graph_steps:
+            self.graph_steps[batch] = GraphDecodeStep(self.decoder, device, batch=batch, compile=self.compile)
+        return self.graph_steps[batch].step
 
     def routers(self) -> list:
         from ktcore.ops.router import Router
@@ -120,48 +136,69 @@ class Model:
         self.release_graph()
 
     def release_graph(self) -> None:
-        if self.graph_step is not None:
-            self.graph_step.release()
-            self.graph_step = None
+        """Drops the captured decode graphs (and the host runners they share)."""
+        for step in self.graph_steps.values():
+            step.release()
+        self.graph_steps = {}
 
     @torch.inference_mode()
     def generate(self, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop_ids=None, use_graph: bool | None = None) -> list[int]:
         """Generated token ids (the prompt not included); stops early at a stop token
         (default: the tokenizer's end-of-sequence token), which is included. ``use_graph``:
-        replay the decode step as a CUDA graph (None: when every module is on one GPU)."""
+        replay the decode step as a CUDA graph (None: whenever the model allows one)."""
+        return self.generate_batch([prompt_ids], max_new_tokens, temperature, top_p, top_k, seed, stop_ids,
+                                   use_graph)[0]
+
+    @torch.inference_mode()
+    def generate_batch(self, prompts, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                       top_k: int = 0, seed: int | None = None, stop_ids=None,
+                       use_graph: bool | None = None) -> list[list[int]]:
+        """``generate`` for up to ``max_batch`` prompts at once: each is prefilled into its own
+        cache row, then one decode step (captured per batch bucket) advances all of them."""
         params = SamplingParams(temperature, top_p, top_k, seed)
-        ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1)
-        if ids.numel() == 0:
-            raise KtError("the prompt is empty")
-        self._check_length(ids.numel() + max_new_tokens)
+        prompts = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompts]
+        if not prompts or len(prompts) > self.max_batch:
+            raise KtError(f"give 1 to {self.max_batch} prompts (load with max_batch=... for more), got {len(prompts)}")
+        if any(p.numel() == 0 for p in prompts):
+            raise KtError("a prompt is empty")
+        for p in prompts:
+            self._check_length(p.numel() + max_new_tokens)
         if stop_ids is None:
             eos = getattr(self.tokenizer, "eos_token_id", None)
             stop_ids = [] if eos is None else [eos]
         stop = set(int(s) for s in stop_ids)
-        step = self._decode_step(use_graph)
-        self.timings = Timings(prefill_tokens=ids.numel())
+        n, batch = len(prompts), self.bucket(len(prompts))
+        step = self._decode_step(use_graph, batch)  # captured before prefill: capture resets the caches
+        self.timings = Timings(prefill_tokens=sum(p.numel() for p in prompts))
         start = time.perf_counter()
-        logits = self._prefill(ids, last_only=True)[-1:]  # [1, V]
+        last = torch.cat([self._prefill(p, last_only=True, slot=i)[-1:] for i, p in enumerate(prompts)])  # [n, V]
         generator = None
         if seed is not None:  # on the device that samples
-            generator = torch.Generator(device=logits.device)
+            generator = torch.Generator(device=last.device)
             generator.manual_seed(seed)
-        token = sample(logits, params, generator)  # [1]
-        out = [int(token)]
+        tokens = sample(last, params, generator)  # [n]
+        outs = [[t] for t in tokens.tolist()]
         self.timings.prefill_s = time.perf_counter() - start
         start = time.perf_counter()
-        position = ids.numel()
-        while len(out) < max_new_tokens and out[-1] not in stop:
-            logits = step(token, position)  # [1, V]
-            token = sample(logits, params, generator)
-            out.append(int(token))
-            position += 1
-        if self.graph_step is not None and step == self.graph_step.step:
-            self.graph_step.check_cpu_experts()
-        self.timings.decode_tokens = len(out) - 1
+        positions = torch.tensor([p.numel() for p in prompts] + [0] * (batch - n))  # [batch]; spare rows idle
+        tokens = torch.cat([tokens, tokens.new_zeros(batch - n)])  # [batch]
+
+        def running() -> bool:
+            return any(len(o) < max_new_tokens and o[-1] not in stop for o in outs)
+
+        while running():
+            logits = step(tokens, positions)  # [batch, V]
+            tokens = sample(logits, params, generator)  # [batch]
+            for out, token in zip(outs, tokens[:n].tolist()):
+                if len(out) < max_new_tokens and out[-1] not in stop:
+                    out.append(token)
+            positions[:n] += 1
+        if batch in self.graph_steps and step == self.graph_steps[batch].step:
+            self.graph_steps[batch].check_cpu_experts()
+        self.timings.decode_tokens = sum(len(o) - 1 for o in outs)
         self.timings.decode_s = time.perf_counter() - start
-        return out
+        return outs
 
 
 def _default_rules(arch: str) -> str:
@@ -171,12 +208,13 @@ def _default_rules(arch: str) -> str:
 def load(model: str | Path | None = None, gguf: str | Path | None = None, rules: str | Path | None = None,
          dtype: str | torch.dtype | None = None, max_seq_len: int | None = None, registry=None,
          progress: bool = False, store=None, config=None, tokenizer=None,
-         experts_per_token: int | None = None, compile: bool = False) -> Model:
+         experts_per_token: int | None = None, compile: bool = False, max_batch: int = 1) -> Model:
     """Loads a model; see the module docstring. ``store``/``config``/``tokenizer`` let callers
     pass weights already in memory (synthetic models, a transformers model's state).
     ``experts_per_token`` runs fewer routed experts per token than the config (see
     ``Model.set_experts_per_token``). ``compile``: the decode step is compiled with
-    ``torch.compile(fullgraph=True)`` (and then captured, where a CUDA graph is used)."""
+    ``torch.compile(fullgraph=True)`` (and then captured, where a CUDA graph is used).
+    ``max_batch``: sequences ``generate_batch`` runs together (one cache row each)."""
     from ktcore.backends.registry import Registry
     from ktcore.rules.placement import ModelInventory, check_rules
     from ktcore.rules.shipped import resolve_rule_path
@@ -200,6 +238,8 @@ def load(model: str | Path | None = None, gguf: str | Path | None = None, rules:
         dtype = DTYPES[dtype]
     dtype = dtype or torch.float32
     max_len = int(max_seq_len or min(getattr(config, "max_position_embeddings", 4096), 4096))
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise KtError(f"max_batch must be a positive int, got {max_batch!r}")
     top_k = int(getattr(config, "num_experts_per_tok", 0) or 0)
     if experts_per_token is not None and not (isinstance(experts_per_token, int) and 1 <= experts_per_token <= top_k):
         raise KtError(f"experts_per_token must be between 1 and the config's num_experts_per_tok ({top_k}), "
@@ -214,7 +254,7 @@ def load(model: str | Path | None = None, gguf: str | Path | None = None, rules:
     if hasattr(store, "close"):
         store.close()
     _libc_call("malloc_trim", 0)
-    decoder = Decoder(skeleton, config, batch=1, max_len=max_len, cache_dtype=dtype)
+    decoder = Decoder(skeleton, config, batch=max_batch, max_len=max_len, cache_dtype=dtype)
     model = Model(decoder, config, tokenizer, plan, compile=compile)
     if experts_per_token is not None:
         model.set_experts_per_token(experts_per_token)
