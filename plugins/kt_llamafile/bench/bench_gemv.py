@@ -1,6 +1,7 @@
 """GEMV bandwidth and batched throughput of kt-llamafile's kernels, per GGUF type.
 
     python plugins/kt_llamafile/bench/bench_gemv.py [--threads N] [--types Q4_K,Q8_0] [--out FILE]
+        [--pool own|shared]
 
 - Ceiling: the host's read bandwidth, measured in the same run with the same worker pool (a
   sum of 64-bit words over a buffer of several times the last-level cache), best of a few
@@ -13,7 +14,11 @@
   every weight byte comes from DRAM. GB/s = weight bytes / time; fraction = GB/s / ceiling.
 - Batched (T = 64, 512): tokens/s and GFLOP/s on one [2048, 7168] matrix.
 
-Writes JSON (default ``bench/results/<cpu>.json`` beside this script) and prints a table.
+- Pool: ``--pool own`` (default) runs on kt-llamafile's own pool of ``--threads`` threads;
+  ``--pool shared`` on kt-amx's shared pool (its size: ``KT_AMX_THREADS``, set to ``--threads``
+  here unless already set), as a process with both backends does.
+
+Writes JSON (default ``bench/results/<cpu>-<threads>t.json`` beside this script) and prints a table.
 Timings are best-of-passes wall time; on a shared host, run it when the CPUs are idle.
 """
 
@@ -132,6 +137,19 @@ def batched(qtype: str, tokens: int, threads: int, rng, passes: int) -> dict:
     return {"ms": best * 1e3, "tokens_per_s": tokens / best, "gflops": 2 * n * k * tokens / best / 1e9}
 
 
+def select_pool(mode: str, threads: int) -> dict:
+    """Chooses the pool before its first use (KT_LLAMAFILE_POOL; KT_AMX_THREADS for shared)."""
+    from kt_llamafile import pools
+
+    os.environ[pools.POOL_ENV] = mode
+    if mode == "shared":
+        os.environ.setdefault("KT_AMX_THREADS", str(threads))
+    pools.shared_pool.cache_clear()
+    handle = pools.pool(threads)
+    return {"mode": mode, "external": bool(_lib.kernels()[1].ktl_pool_is_external(handle)),
+            "threads": pools.pool_threads(handle)}
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -143,7 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--passes", type=int, default=5)
     parser.add_argument("--tokens", default="64,512")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--pool", choices=("own", "shared"), default="own")
     args = parser.parse_args(argv)
+    pool_info = select_pool(args.pool, args.threads)
     types = [t for t in args.types.split(",") if t]
     rng = np.random.default_rng(0)
     llc = llc_bytes()
@@ -170,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "llc_bytes": llc, "isa": _lib.selected_isa(), "isa_available": _lib.available_isa(),
                  "python": sys.version.split()[0], "torch": torch.__version__},
         "threads": args.threads,
+        "pool": pool_info,
         "read_bandwidth_gbs": {"before": bw_before, "after": bw_after, "ceiling": ceiling},
         "gemv_t1": gemv_results,
         "batched": batch_results,

@@ -15,6 +15,7 @@
 #define KTL_ERR_NOMEM -3
 #define KTL_ERR_IDS -4
 #define KTL_ERR_ARG -5
+#define KTL_ERR_NOT_SUBMITTED -6
 
 typedef struct ktl_pool ktl_pool;
 
@@ -38,6 +39,19 @@ ktl_pool *ktl_pool_create(int threads, int pin);
 void ktl_pool_destroy(ktl_pool *pool);
 int ktl_pool_threads(const ktl_pool *pool);
 
+/* A parallel-for of another library (kt-amx's kt_pool_parallel_for, DESIGN section 6): runs
+ * fn(ctx, item, worker) for item in [0, n_items) with worker in [0, its thread count), returns
+ * once all are done: 0, or nonzero when it could not run them (then ktl runs them itself). */
+typedef void (*ktl_task_fn)(void *ctx, int64_t item, int worker);
+typedef int (*ktl_parallel_for_fn)(ktl_task_fn fn, void *ctx, int64_t n_items);
+
+/* A pool that starts no workers of its own: its parallel work goes to `parallel_for`, which
+ * has `threads` workers (used to size the row chunks). Calls through one ktl pool are
+ * serialised. NULL when fn is NULL or memory is short. */
+ktl_pool *ktl_pool_create_external(ktl_parallel_for_fn parallel_for, int threads);
+/* 1 when the pool runs its work on an external parallel-for. */
+int ktl_pool_is_external(const ktl_pool *pool);
+
 /* y[t, n] = sum_k x[t, k] * W[n, k]. */
 int ktl_matmul(ktl_pool *pool, int qtype, const uint8_t *w, int64_t n, int64_t k,
                const float *x, int64_t t, float *y);
@@ -59,6 +73,25 @@ typedef struct ktl_experts_desc {
 
 int ktl_experts(ktl_pool *pool, const ktl_experts_desc *desc, const float *x, int64_t t,
                 const int32_t *ids, int64_t topk, const float *weights, float *y);
+
+/* Asynchronous experts forward on fixed buffers (the job protocol of ktcore's
+ * HostExpertsRunner, DESIGN section 5). x and y are [t, hidden] fp32 (dtype 0) or bf16
+ * (dtype 1), ids [t, topk] int32 (ids_int64 = 0) or int64, weights [t, topk] fp32; desc is
+ * copied (the weights and slot_of it points to must outlive the job). submit hands the job to
+ * the pool's dispatcher thread and returns at once (after the previous run of this job, if
+ * still in flight, has finished); the dispatcher runs it on the pool (own workers or the
+ * external parallel-for). wait blocks until it is done and returns its status (0 or KTL_ERR_*;
+ * KTL_ERR_NOT_SUBMITTED before the first submit). The host variants have the signature of a
+ * CUDA host function (user data = the job) and drop the status: read it with wait. */
+typedef struct ktl_job ktl_job;
+ktl_job *ktl_job_create(ktl_pool *pool, const ktl_experts_desc *desc, int64_t t, int64_t topk,
+                        const void *x, int x_dtype, const void *ids, int ids_int64,
+                        const float *weights, void *y, int y_dtype);
+void ktl_job_destroy(ktl_job *job);
+int ktl_job_submit(ktl_job *job);
+int ktl_job_wait(ktl_job *job);
+void ktl_host_submit(void *job);
+void ktl_host_wait(void *job);
 
 /* Reads n bytes with all pool threads (a sum of 64-bit words); returns the sum so the reads
  * cannot be optimised away. The benchmark's read-bandwidth ceiling. */

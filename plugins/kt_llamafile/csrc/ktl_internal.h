@@ -3,6 +3,7 @@
 #ifndef KTL_INTERNAL_H
 #define KTL_INTERNAL_H
 
+#include <stdatomic.h>
 #include <stdint.h>
 
 #include "ktl_api.h"
@@ -76,9 +77,20 @@ extern const ktl_kernels ktl_kernels_avx512;
 
 const ktl_kernels *ktl_selected(void);
 
-/* Pool: runs fn(ctx, item, worker) for item in [0, n_items) on all workers, returns when all
- * are done. One job at a time per pool (callers are serialised by a mutex). */
-typedef void (*ktl_task_fn)(void *ctx, int64_t item, int worker);
+/* Pool: runs fn(ctx, item, worker) for item in [0, n_items) on all workers (or the external
+ * parallel-for), returns when all are done. One job at a time per pool (callers are
+ * serialised by a mutex). */
 void ktl_pool_run(ktl_pool *pool, ktl_task_fn fn, void *ctx, int64_t n_items);
+
+/* Asynchronous work: each pool has one dispatcher thread (started on the first post) that runs
+ * posted tasks in order, each as an ordinary caller of ktl_pool_run. post returns at once;
+ * await blocks (spin, then sleep) until `done`. A task is posted again only once done. */
+typedef struct ktl_async {
+    void (*run)(struct ktl_async *self);
+    struct ktl_async *next; /* queue link (the pool's) */
+    _Atomic int done;
+} ktl_async;
+int ktl_pool_post(ktl_pool *pool, ktl_async *task); /* 0, or KTL_ERR_NOMEM (no dispatcher) */
+void ktl_pool_await(ktl_pool *pool, ktl_async *task);
 
 #endif

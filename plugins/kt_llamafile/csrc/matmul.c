@@ -66,24 +66,42 @@ int ktl_quantize_act(int kind, const float *x, int64_t k, int8_t *q, float *d, v
 
 /* ------------------------------------------------------------------ matmul */
 
+/* Work split: `rows` rows in `items` contiguous ranges of near-equal size (`per_thread` per
+ * thread, at least 16 rows each) with boundaries on multiples of `align` rows: 4 (whole tiles)
+ * when several tokens share the tiles, 1 for GEMV (one row per tile, so the ranges can be
+ * exactly equal). Equal sizes matter for the memory-bound GEMV: the former fixed 48-row chunk
+ * cut 2048 rows into 43 ranges for 14 threads, and the threads that drew a 4th range set the
+ * time (~0.77 of an even split). Each range is one sequential stream of weight rows; items are
+ * taken from an atomic counter, so a late or preempted thread's ranges go to the others. (Two
+ * ranges may share the output cache line at their boundary: one store per row, negligible.) */
+typedef struct {
+    int64_t rows, items, align;
+} row_split;
+
+static row_split split_rows(int64_t rows, int threads, int64_t per_thread, int64_t align) {
+    row_split s = {rows, (int64_t)threads * per_thread, align};
+    if (s.items > rows / 16) s.items = rows / 16;
+    if (s.items < 1) s.items = 1;
+    return s;
+}
+
+static int64_t split_at(const row_split *s, int64_t i) {
+    if (i >= s->items) return s->rows;
+    int64_t r = i * s->rows / s->items;
+    return r - r % s->align;
+}
+
 typedef struct {
     ktl_gemm_fn fn;
     ktl_gemm_args args;
-    int64_t n, chunk;
+    row_split split;
 } gemm_job;
 
 static void gemm_task(void *raw, int64_t i, int worker) {
     (void)worker;
     gemm_job *g = raw;
-    int64_t r0 = i * g->chunk, r1 = r0 + g->chunk;
-    if (r1 > g->n) r1 = g->n;
-    g->fn(&g->args, r0, r1);
-}
-
-static int64_t row_chunk(int64_t rows, int threads) {
-    int64_t per = (rows + threads * 4 - 1) / (threads * 4);
-    per = (per + 15) & ~(int64_t)15;
-    return per < 16 ? 16 : per;
+    int64_t r0 = split_at(&g->split, i), r1 = split_at(&g->split, i + 1);
+    if (r1 > r0) g->fn(&g->args, r0, r1);
 }
 
 int ktl_matmul(ktl_pool *pool, int qtype, const uint8_t *w, int64_t n, int64_t k, const float *x,
@@ -113,9 +131,8 @@ int ktl_matmul(ktl_pool *pool, int qtype, const uint8_t *w, int64_t n, int64_t k
     g.args.ntok = t;
     g.args.out = y;
     g.args.out_stride = n;
-    g.n = n;
-    g.chunk = row_chunk(n, ktl_pool_threads(pool));
-    ktl_pool_run(pool, gemm_task, &g, (n + g.chunk - 1) / g.chunk);
+    g.split = split_rows(n, ktl_pool_threads(pool), 4, t == 1 ? 1 : 4);
+    ktl_pool_run(pool, gemm_task, &g, g.split.items);
     free(act);
     return 0;
 }
@@ -125,7 +142,8 @@ int ktl_matmul(ktl_pool *pool, int qtype, const uint8_t *w, int64_t n, int64_t k
 typedef struct {
     const ktl_kernels *kern;
     const ktl_experts_desc *desc;
-    int64_t n_active, inter, hidden, ci, chunks_per_expert;
+    int64_t n_active, inter, hidden;
+    row_split isplit; /* gate/up rows of one expert: items = n_active * isplit.items */
     int32_t *expert;   /* [n_active] expert id */
     int64_t *offset;   /* [n_active + 1] first pair of each expert (pairs sorted by expert) */
     int32_t *token;    /* [P] token of each sorted pair */
@@ -134,7 +152,7 @@ typedef struct {
     ktl_act_layout lay_gate, lay_up, lay_down;
     float *g, *u;      /* [P, inter] */
     uint8_t *hq;       /* [P] quantised act(g)*u rows for down, or NULL (float down: g) */
-    int64_t hchunk;
+    row_split hsplit; /* down: the hidden rows */
     float *y;
 } experts_job;
 
@@ -155,9 +173,9 @@ static void experts_gate_up(void *raw, int64_t item, int worker) {
     (void)worker;
     experts_job *j = raw;
     const ktl_experts_desc *d = j->desc;
-    int64_t a = item / j->chunks_per_expert;
-    int64_t r0 = (item % j->chunks_per_expert) * j->ci, r1 = r0 + j->ci;
-    if (r1 > j->inter) r1 = j->inter;
+    int64_t a = item / j->isplit.items, part = item % j->isplit.items;
+    int64_t r0 = split_at(&j->isplit, part), r1 = split_at(&j->isplit, part + 1);
+    if (r1 <= r0) return;
     int64_t slot = d->slot_of[j->expert[a]];
     int64_t p0 = j->offset[a], cnt = j->offset[a + 1] - p0;
     ktl_gemm_args ga;
@@ -198,8 +216,8 @@ static void experts_down(void *raw, int64_t item, int worker) {
     (void)worker;
     experts_job *j = raw;
     const ktl_experts_desc *d = j->desc;
-    int64_t r0 = item * j->hchunk, r1 = r0 + j->hchunk;
-    if (r1 > j->hidden) r1 = j->hidden;
+    int64_t r0 = split_at(&j->hsplit, item), r1 = split_at(&j->hsplit, item + 1);
+    if (r1 <= r0) return;
     ktl_gemm_args ga;
     memset(&ga, 0, sizeof ga);
     ga.k = j->inter;
@@ -316,17 +334,16 @@ int ktl_experts(ktl_pool *pool, const ktl_experts_desc *d, const float *x, int64
     j.g = g;
     j.u = u;
     int threads = ktl_pool_threads(pool);
-    j.ci = row_chunk(I * n_active, threads);
-    if (j.ci > I) j.ci = (I + 3) & ~(int64_t)3;
-    j.chunks_per_expert = (I + j.ci - 1) / j.ci;
-    ktl_pool_run(pool, experts_gate_up, &j, n_active * j.chunks_per_expert);
+    /* about 4 items per thread over all experts: each expert's rows in ceil(4T / n_active) ranges */
+    j.isplit = split_rows(I, 1, (4 * (int64_t)threads + n_active - 1) / n_active, t == 1 ? 1 : 4);
+    ktl_pool_run(pool, experts_gate_up, &j, n_active * j.isplit.items);
     if (kd != KTL_ACT_F32) {
         if (!(hq = alloc64(owned_pairs * j.lay_down.stride))) goto done;
         j.hq = hq;
         ktl_pool_run(pool, experts_quant_h, &j, owned_pairs);
     }
-    j.hchunk = row_chunk(H, threads);
-    ktl_pool_run(pool, experts_down, &j, (H + j.hchunk - 1) / j.hchunk);
+    j.hsplit = split_rows(H, threads, 4, t == 1 ? 1 : 4);
+    ktl_pool_run(pool, experts_down, &j, j.hsplit.items);
     rc = 0;
 done:
     free(count);

@@ -1,6 +1,14 @@
 /* A small pthread pool: `threads - 1` workers plus the calling thread share the items of one job
  * through an atomic counter. Workers spin briefly on the job generation, then sleep on a
- * condition variable, so an idle pool costs no CPU. Jobs are serialised per pool. */
+ * condition variable, so an idle pool costs no CPU. Jobs are serialised per pool.
+ *
+ * An external pool (ktl_pool_create_external) has no workers: ktl_pool_run hands the items to
+ * another library's parallel-for (kt-amx's shared pool), which blocks until they are done.
+ *
+ * Either kind has a dispatcher thread for asynchronous work (ktl_pool_post, started on first
+ * use): it takes posted tasks in order and runs each as an ordinary caller of ktl_pool_run, so
+ * the thread that posts (a CUDA host-function thread) returns at once, and a blocking external
+ * parallel-for is called from the dispatcher, never from the poster. */
 #define _GNU_SOURCE
 #include <pthread.h>
 #include <sched.h>
@@ -25,6 +33,14 @@ struct ktl_pool {
     ktl_task_fn fn;
     void *ctx;
     int64_t n_items;
+    ktl_parallel_for_fn ext_for; /* external pool: its parallel-for (no workers of ours) */
+    /* dispatcher of posted async tasks (FIFO through ktl_async.next) */
+    pthread_mutex_t q_mu;
+    pthread_cond_t q_work, q_done;
+    ktl_async *q_head, *q_tail;
+    atomic_int q_len;
+    int q_stop, q_started;
+    pthread_t q_thread;
 };
 
 typedef struct {
@@ -89,7 +105,7 @@ static int allowed_cpus(int *cpus, int max) {
     return n;
 }
 
-ktl_pool *ktl_pool_create(int threads, int pin) {
+static ktl_pool *pool_alloc(int threads) {
     if (threads < 1) threads = 1;
     if (threads > 1024) threads = 1024;
     ktl_pool *p = calloc(1, sizeof *p);
@@ -102,6 +118,26 @@ ktl_pool *ktl_pool_create(int threads, int pin) {
     atomic_init(&p->gen, 0);
     atomic_init(&p->pending, 0);
     atomic_init(&p->next, 0);
+    pthread_mutex_init(&p->q_mu, NULL);
+    pthread_cond_init(&p->q_work, NULL);
+    pthread_cond_init(&p->q_done, NULL);
+    atomic_init(&p->q_len, 0);
+    return p;
+}
+
+ktl_pool *ktl_pool_create_external(ktl_parallel_for_fn parallel_for, int threads) {
+    if (!parallel_for) return NULL;
+    ktl_pool *p = pool_alloc(threads);
+    if (p) p->ext_for = parallel_for;
+    return p;
+}
+
+int ktl_pool_is_external(const ktl_pool *p) { return p && p->ext_for ? 1 : 0; }
+
+ktl_pool *ktl_pool_create(int threads, int pin) {
+    ktl_pool *p = pool_alloc(threads);
+    if (!p) return NULL;
+    threads = p->n;
     if (threads == 1) return p;
     p->threads = calloc((size_t)threads - 1, sizeof(pthread_t));
     int cpus[1024];
@@ -126,8 +162,11 @@ ktl_pool *ktl_pool_create(int threads, int pin) {
     return p;
 }
 
+static void dispatcher_stop(ktl_pool *p);
+
 void ktl_pool_destroy(ktl_pool *p) {
     if (!p) return;
+    dispatcher_stop(p);
     pthread_mutex_lock(&p->mu);
     p->stop = 1;
     pthread_cond_broadcast(&p->cv_start);
@@ -138,15 +177,28 @@ void ktl_pool_destroy(ktl_pool *p) {
     pthread_mutex_destroy(&p->mu);
     pthread_cond_destroy(&p->cv_start);
     pthread_cond_destroy(&p->cv_done);
+    pthread_mutex_destroy(&p->q_mu);
+    pthread_cond_destroy(&p->q_work);
+    pthread_cond_destroy(&p->q_done);
     free(p);
 }
 
 int ktl_pool_threads(const ktl_pool *p) { return p ? p->n : 1; }
 
+static void run_serial(ktl_task_fn fn, void *ctx, int64_t n_items) {
+    for (int64_t i = 0; i < n_items; i++) fn(ctx, i, 0);
+}
+
 void ktl_pool_run(ktl_pool *p, ktl_task_fn fn, void *ctx, int64_t n_items) {
     if (n_items <= 0) return;
     if (!p || p->n == 1 || n_items == 1) {
-        for (int64_t i = 0; i < n_items; i++) fn(ctx, i, 0);
+        run_serial(fn, ctx, n_items);
+        return;
+    }
+    if (p->ext_for) {
+        pthread_mutex_lock(&p->run_lock);
+        if (p->ext_for(fn, ctx, n_items) != 0) run_serial(fn, ctx, n_items); /* not started */
+        pthread_mutex_unlock(&p->run_lock);
         return;
     }
     pthread_mutex_lock(&p->run_lock);
@@ -169,4 +221,78 @@ void ktl_pool_run(ktl_pool *p, ktl_task_fn fn, void *ctx, int64_t n_items) {
     while (atomic_load(&p->pending) > 0) pthread_cond_wait(&p->cv_done, &p->mu);
     pthread_mutex_unlock(&p->mu);
     pthread_mutex_unlock(&p->run_lock);
+}
+
+/* ------------------------------------------------------------------ async dispatcher */
+
+static void *dispatcher_main(void *raw) {
+    ktl_pool *p = raw;
+    for (;;) {
+        int spins = 0;
+        while (atomic_load_explicit(&p->q_len, memory_order_acquire) == 0 && spins < SPIN_ROUNDS) {
+            cpu_relax();
+            spins++;
+        }
+        pthread_mutex_lock(&p->q_mu);
+        while (!p->q_head && !p->q_stop) pthread_cond_wait(&p->q_work, &p->q_mu);
+        ktl_async *task = p->q_head;
+        if (!task) { /* stop requested and the queue is drained */
+            pthread_mutex_unlock(&p->q_mu);
+            break;
+        }
+        p->q_head = task->next;
+        if (!p->q_head) p->q_tail = NULL;
+        atomic_fetch_sub(&p->q_len, 1);
+        pthread_mutex_unlock(&p->q_mu);
+
+        task->run(task);
+
+        pthread_mutex_lock(&p->q_mu);
+        atomic_store_explicit(&task->done, 1, memory_order_release);
+        pthread_cond_broadcast(&p->q_done);
+        pthread_mutex_unlock(&p->q_mu);
+    }
+    return NULL;
+}
+
+int ktl_pool_post(ktl_pool *p, ktl_async *task) {
+    pthread_mutex_lock(&p->q_mu);
+    if (!p->q_started) {
+        if (pthread_create(&p->q_thread, NULL, dispatcher_main, p) != 0) {
+            pthread_mutex_unlock(&p->q_mu);
+            return KTL_ERR_NOMEM;
+        }
+        p->q_started = 1;
+    }
+    atomic_store_explicit(&task->done, 0, memory_order_relaxed);
+    task->next = NULL;
+    if (p->q_tail) p->q_tail->next = task;
+    else p->q_head = task;
+    p->q_tail = task;
+    atomic_fetch_add_explicit(&p->q_len, 1, memory_order_release);
+    pthread_cond_signal(&p->q_work);
+    pthread_mutex_unlock(&p->q_mu);
+    return 0;
+}
+
+void ktl_pool_await(ktl_pool *p, ktl_async *task) {
+    int spins = 0;
+    while (!atomic_load_explicit(&task->done, memory_order_acquire) && spins < SPIN_ROUNDS * 4) {
+        cpu_relax();
+        spins++;
+    }
+    if (atomic_load_explicit(&task->done, memory_order_acquire)) return;
+    pthread_mutex_lock(&p->q_mu);
+    while (!atomic_load(&task->done)) pthread_cond_wait(&p->q_done, &p->q_mu);
+    pthread_mutex_unlock(&p->q_mu);
+}
+
+/* Runs what is queued, then ends the dispatcher (ktl_pool_destroy). */
+static void dispatcher_stop(ktl_pool *p) {
+    pthread_mutex_lock(&p->q_mu);
+    int started = p->q_started;
+    p->q_stop = 1;
+    pthread_cond_broadcast(&p->q_work);
+    pthread_mutex_unlock(&p->q_mu);
+    if (started) pthread_join(p->q_thread, NULL);
 }

@@ -7,7 +7,6 @@ with thin torch-facing helpers (dequantize, matmul) used by the ops and the test
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -21,7 +20,7 @@ from kt_llamafile.qtypes import BLOCKS, QTYPE_IDS, act_kind, row_bytes  # noqa: 
 ISA_NAMES = ("scalar", "avx2", "avx512")
 
 ERRORS = {-1: "unsupported type", -2: "bad shape", -3: "out of memory", -4: "expert id outside [0, E]",
-          -5: "bad argument"}
+          -5: "bad argument", -6: "job never submitted"}
 
 
 def check(rc: int, what: str) -> None:
@@ -69,14 +68,12 @@ def default_threads(gpu_driving: bool = False) -> int:
     return max(1, physical_cores() - (2 if gpu_driving else 1))
 
 
-@functools.lru_cache(maxsize=None)
 def pool(threads: int) -> Any:
-    """The process-wide worker pool of ``threads`` threads (created once, pinned)."""
-    ffi, lib = kernels()
-    handle = lib.ktl_pool_create(int(threads), 1)
-    if handle == ffi.NULL:
-        raise MemoryError("kt-llamafile: cannot create the worker pool")
-    return ffi.gc(handle, lib.ktl_pool_destroy)
+    """The process-wide worker pool for ``threads`` threads: kt-amx's shared pool when in use,
+    else one of our own (created once, pinned); see kt_llamafile.pools."""
+    from kt_llamafile.pools import pool as select_pool
+
+    return select_pool(threads)
 
 
 def ptr(tensor: torch.Tensor, ctype: str = "uint8_t *") -> Any:

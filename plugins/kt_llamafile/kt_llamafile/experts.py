@@ -11,6 +11,9 @@ points into that.
 see ops.py): x is quantised once per token, pairs are
 grouped by expert, gate and up run on each expert's tokens, act(gate) * up is quantised again
 for down, and each output row sums its experts in expert order (see csrc/matmul.c).
+
+``make_job`` binds fixed buffers for asynchronous submit/wait (kt_llamafile.jobs): what
+ktcore's ``HostExpertsRunner`` needs to run these experts inside a CUDA graph.
 """
 
 from __future__ import annotations
@@ -80,6 +83,14 @@ class LlamafileExperts(Experts):
         return ops.call(torch.ops.kt_llamafile.experts, ops.experts_impl, x, topk_ids, topk_weights,
                         self.rows["gate"], self.rows["up"], self.rows["down"], self.slot_of, qtypes,
                         self.spec.intermediate_size, ACT_CODES[self.spec.activation], self.threads)
+
+    def make_job(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                 y: torch.Tensor | None = None):
+        """An asynchronous forward bound to these fixed buffers (the job protocol of ktcore's
+        HostExpertsRunner): see kt_llamafile.jobs.ExpertsJob."""
+        from kt_llamafile.jobs import ExpertsJob
+
+        return ExpertsJob(self, x, topk_ids, topk_weights, y)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, owned={self.spec.num_owned}/{self.spec.num_experts}, "

@@ -1,5 +1,6 @@
 """Fuzzing the C library with random bytes as GGUF blocks (NaN and infinite scales included),
-odd shapes, special activations and bad arguments, on every kernel level of the host.
+odd shapes, special activations and bad arguments, on every kernel level of the host; experts
+also as asynchronous jobs (bf16 / int64 buffers) on the own and on an external pool.
 
     python -m kt_llamafile.fuzz [CASES] [SEED]
 
@@ -44,8 +45,18 @@ class Fuzzer:
         self.pool = self.lib.ktl_pool_create(threads, 0)
         self.levels = self.lib.ktl_isa_available() + 1
 
+        @self.ffi.callback("ktl_parallel_for_fn")
+        def serial_for(fn, ctx, n_items):  # an external parallel-for (kt-amx's stand-in)
+            for i in range(n_items):
+                fn(ctx, i, i % 2)
+            return 0
+
+        self._serial_for = serial_for
+        self.ext_pool = self.lib.ktl_pool_create_external(serial_for, 2)
+
     def close(self) -> None:
         self.lib.ktl_pool_destroy(self.pool)
+        self.lib.ktl_pool_destroy(self.ext_pool)
 
     def ptr(self, array: np.ndarray, ctype: str = "uint8_t *"):
         return self.ffi.cast(ctype, self.ffi.from_buffer(array))
@@ -72,7 +83,7 @@ class Fuzzer:
                                  self.ptr(y, "float *"))
         assert rc == 0, (qtype, n, k, t, rc)
 
-    def experts(self) -> None:
+    def experts(self, as_job: bool = False) -> None:
         rng = self.rng
         gate = rng.choice(QTYPES)
         down = rng.choice(QTYPES)
@@ -99,9 +110,42 @@ class Fuzzer:
         desc.num_experts, desc.hidden, desc.inter = n_experts, hidden, inter
         desc.slot_of = self.ptr(slot_of, "int32_t *")
         desc.act = int(rng.integers(0, 4))
+        if as_job:
+            self._job(desc, x, ids, tw, y)
+            return
         rc = self.lib.ktl_experts(self.pool, desc, self.ptr(x, "float *"), t, self.ptr(ids, "int32_t *"), topk,
                                   self.ptr(tw, "float *"), self.ptr(y, "float *"))
         assert rc == 0, (gate, down, hidden, inter, rc)
+
+    def _job(self, desc, x, ids, tw, y) -> None:
+        """The same forward as an asynchronous job: bf16 or fp32 x / y, int64 or int32 ids (an id
+        out of range now and then: reported by wait), on the own or the external pool."""
+        rng, lib = self.rng, self.lib
+        t = x.shape[0]
+        if t == 0:
+            return
+        x_bf16, y_bf16, ids64 = (bool(b) for b in rng.random(3) < 0.5)
+        xs = (x.view(np.uint32) >> 16).astype(np.uint16) if x_bf16 else x
+        ys = np.empty(y.shape, dtype=np.uint16) if y_bf16 else y
+        ids_s = ids.astype(np.int64) if ids64 else ids
+        bad = ids.size > 0 and rng.random() < 0.1
+        if bad:
+            ids_s.reshape(-1)[int(rng.integers(0, ids.size))] = desc.num_experts + 1 if rng.random() < 0.5 else -1
+        pool = self.ext_pool if rng.random() < 0.5 else self.pool
+        job = lib.ktl_job_create(pool, desc, t, ids.shape[1], self.ptr(xs, "void *"), int(x_bf16),
+                                 self.ptr(ids_s, "void *"), int(ids64), self.ptr(tw, "float *"),
+                                 self.ptr(ys, "void *"), int(y_bf16))
+        assert job != self.ffi.NULL
+        try:
+            for _ in range(2):
+                assert lib.ktl_job_submit(job) == 0
+                rc = lib.ktl_job_wait(job)
+                assert rc == (-4 if bad else 0), rc
+        finally:
+            lib.ktl_job_destroy(job)
+
+    def experts_job(self) -> None:
+        self.experts(as_job=True)
 
     def bad_arguments(self) -> None:
         w = np.zeros(144, dtype=np.uint8)
@@ -114,7 +158,7 @@ class Fuzzer:
         assert lib.ktl_dequantize(QTYPE_IDS["Q4_K"], p(w), 255, p(x, "float *")) == -2
 
     def run(self, cases: int) -> None:
-        steps = (self.dequantize, self.matmul, self.matmul, self.experts)
+        steps = (self.dequantize, self.matmul, self.matmul, self.experts, self.experts_job)
         for i in range(cases):
             self.lib.ktl_isa_select(i % self.levels)
             steps[i % len(steps)]()

@@ -54,14 +54,10 @@ def _linear_fake(x, weight, bias, qtype, out_features, threads):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def experts_impl(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate: torch.Tensor,
-            up: torch.Tensor, down: torch.Tensor, slot_of: torch.Tensor, qtypes: list[int], inter: int,
-            act: int, threads: int) -> torch.Tensor:
-    t, hidden = x.shape
-    x32 = x.to(torch.float32).contiguous()
-    ids = topk_ids.to(torch.int32).contiguous()
-    weights = topk_weights.to(torch.float32).contiguous()
-    slots = slot_of.to(torch.int32).contiguous()
+def experts_desc(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, slots: torch.Tensor, qtypes: list[int],
+                 hidden: int, inter: int, act: int):
+    """The C ``ktl_experts_desc *`` of one layer, after checking that the rows hold every slot
+    ``slots`` (contiguous int32 ``[E + 1]``, kept alive by the caller) points to."""
     slots_needed = int(slots.max()) + 1 if slots.numel() else 0
     for w, q, rows, k in ((gate, qtypes[0], inter, hidden), (up, qtypes[1], inter, hidden), (down, qtypes[2], hidden, inter)):
         if w.dtype != torch.uint8 or not w.is_contiguous():
@@ -69,8 +65,7 @@ def experts_impl(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Te
         if w.numel() < slots_needed * rows * _lib.row_bytes(_name(q), k):
             raise ValueError(f"kt_llamafile::experts: {w.numel()} weight bytes do not hold {slots_needed} experts "
                              f"of {rows} rows of {k} {_name(q)} values")
-    y = torch.empty((t, hidden), dtype=torch.float32)
-    ffi, lib = _lib.kernels()
+    ffi = _lib.kernels()[0]
     desc = ffi.new("ktl_experts_desc *")
     desc.qtype_gate, desc.qtype_up, desc.qtype_down = (int(q) for q in qtypes)
     desc.gate, desc.up, desc.down = _lib.ptr(gate), _lib.ptr(up), _lib.ptr(down)
@@ -79,6 +74,20 @@ def experts_impl(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Te
     desc.inter = inter
     desc.slot_of = _lib.ptr(slots, "int32_t *")
     desc.act = act
+    return desc
+
+
+def experts_impl(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, gate: torch.Tensor,
+            up: torch.Tensor, down: torch.Tensor, slot_of: torch.Tensor, qtypes: list[int], inter: int,
+            act: int, threads: int) -> torch.Tensor:
+    t, hidden = x.shape
+    x32 = x.to(torch.float32).contiguous()
+    ids = topk_ids.to(torch.int32).contiguous()
+    weights = topk_weights.to(torch.float32).contiguous()
+    slots = slot_of.to(torch.int32).contiguous()
+    desc = experts_desc(gate, up, down, slots, qtypes, hidden, inter, act)
+    y = torch.empty((t, hidden), dtype=torch.float32)
+    lib = _lib.kernels()[1]
     rc = lib.ktl_experts(_lib.pool(threads), desc, _lib.ptr(x32, "float *"), t, _lib.ptr(ids, "int32_t *"),
                          ids.shape[1] if ids.dim() == 2 else 0, _lib.ptr(weights, "float *"), _lib.ptr(y, "float *"))
     _lib.check(rc, "experts")

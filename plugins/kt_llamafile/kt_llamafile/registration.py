@@ -7,7 +7,8 @@ from ktcore.backends.spec import BackendSpec, OptionSpec
 
 EXTENSION = "kt_llamafile._kernels"
 _FORMATS = ("gguf:*", "dense")
-_THREADS = OptionSpec("threads", int, None, None, "worker threads of its own pool (default: physical cores - 1)")
+_THREADS = OptionSpec("threads", int, None, None,
+                      "worker threads of its own pool (default: physical cores - 1); kt-amx's shared pool, when used, has its own size")
 
 
 def probe() -> str | None:
