@@ -1,9 +1,10 @@
-"""CPU experts inside the captured decode step (DESIGN §5), with kt-amx's experts.
+"""CPU experts inside the captured decode step (DESIGN §5), with kt-amx's and kt-llamafile's
+experts.
 
 On the GPU host (``cuda`` tests): greedy tokens are identical between eager and captured
 decode for 64 tokens on every architecture's tiny model with (a) all routed experts on the
-CPU, (b) the experts of layers 0-1 on the GPU and the rest on the CPU, (c) a per-expert split
-inside every layer. Here: the same host-runner path through a stand-in CUDA runtime gives the
+CPU (kt-amx, and kt-llamafile), (b) the experts of layers 0-1 on the GPU and the rest on the
+CPU, (c) a per-expert split inside every layer. Here: the same host-runner path through a stand-in CUDA runtime gives the
 plain path's logits and tokens, and ``graph_device`` names what keeps a model off the graph.
 """
 
@@ -22,6 +23,7 @@ from ktcore.runtime.cuda_graph import graph_device
 from ktcore.runtime.fake_cudart import FakeCudart
 
 pytest.importorskip("kt_amx", reason="the host-job experts come from the kt-amx plugin")
+pytest.importorskip("kt_llamafile", reason="and from the kt-llamafile plugin")
 
 AMX = "{op: experts, backend: amx, device: cpu, options: {format: bf16}}"
 PLACEMENTS = {
@@ -38,6 +40,12 @@ rules:
     replace: {{op: experts, backend: torch, device: {{device}}}}
   - match: {{module: mlp.experts}}
     replace: {AMX}
+""",
+    "all-cpu-llamafile": """\
+default_device: {device}
+rules:
+  - match: {module: mlp.experts}
+    replace: {op: experts, backend: llamafile, device: cpu}
 """,
     "split": """\
 default_device: {device}
@@ -68,7 +76,7 @@ def _experts_parts(model):
     return [m for m in model.decoder.modules() if isinstance(m, ExpertsParts)]
 
 
-@pytest.mark.parametrize("placement", ["all-cpu", "split"])
+@pytest.mark.parametrize("placement", ["all-cpu", "all-cpu-llamafile", "split"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_host_runner_path_gives_the_plain_tokens(arch, placement, tmp_path, monkeypatch):
     model = _load(arch, placement, "cpu", tmp_path)
