@@ -2,6 +2,7 @@
 
     python plugins/kt_amx/bench/bench_experts.py --json out.json            # full table
     python plugins/kt_amx/bench/bench_experts.py --quick                    # small smoke run
+    KT_AMX_NUMA=2 python plugins/kt_amx/bench/bench_experts.py --numa split # I cut over 2 (simulated) nodes
 
 For each (shape, format, T) it prints the median time of one layer forward and its fraction of
 a ceiling measured in the same run:
@@ -34,6 +35,7 @@ import torch
 
 from kt_amx import _lib
 from kt_amx.experts import AmxExperts
+from kt_amx.numa import read_topology
 from kt_amx.packing import LayerFormat, PackedMatrix
 from ktcore.ops.experts import ExpertsSpec
 
@@ -63,9 +65,9 @@ def l3_bytes() -> int:
     return int(text.rstrip("KMG")) * scale
 
 
-def random_layer(shape: str, fmt: LayerFormat, threads: int) -> AmxExperts:
+def random_layer(shape: str, fmt: LayerFormat, threads: int, numa: str = "split") -> AmxExperts:
     H, I, K, E = SHAPES[shape]
-    amx = AmxExperts(ExpertsSpec(E, H, I, K), "cpu", {"format": fmt.format, "threads": threads})
+    amx = AmxExperts(ExpertsSpec(E, H, I, K), "cpu", {"format": fmt.format, "threads": threads, "numa": numa})
     block = torch.randint(0, 256, (64 << 20,), dtype=torch.uint8)
     packed = {}
     for name, (n, k) in (("gate", (I, H)), ("up", (I, H)), ("down", (H, I))):
@@ -81,7 +83,9 @@ def random_layer(shape: str, fmt: LayerFormat, threads: int) -> AmxExperts:
 
 
 def expert_bytes(amx: AmxExperts) -> int:
-    return amx.packed_bytes() // amx.spec.num_owned
+    """Bytes one forward reads per active expert (one copy, also for numa mirror)."""
+    copies = amx.plan.n_parts if amx.plan is not None and amx.plan.mode == "mirror" else 1
+    return amx.packed_bytes() // copies // amx.spec.num_owned
 
 
 def read_bandwidth(threads: int, gib: float) -> tuple[float, float]:
@@ -171,6 +175,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu-io", action="store_true", help="also time with inputs/outputs on the GPU")
     parser.add_argument("--quick", action="store_true", help="Qwen shape, int4, T = 1, 4 (smoke run)")
     parser.add_argument("--bw-gib", type=float, default=2.0, help="size of the bandwidth buffer")
+    parser.add_argument("--numa", choices=("split", "mirror", "off"), default="split",
+                        help="the layers' numa option (nodes from /sys, or simulated with KT_AMX_NUMA=N)")
     args = parser.parse_args(argv)
     if args.quick:
         args.shapes, args.formats, args.tokens, args.bw_gib = ["qwen3-30b-a3b"], ["int4"], [1, 4], 0.5
@@ -182,19 +188,24 @@ def main(argv=None) -> int:
     meta = {"cpu": cpu, "isa": _lib.selected_isa(), "threads": threads, "read_bw_GBps": bw / 1e9,
             "read_bw_median_GBps": bw_median / 1e9, "l3_bytes": l3_bytes(), "peak_int8_TOPS": peak / 1e12,
             "amx_min_rows": os.environ.get("KT_AMX_MIN_ROWS", "default"), "torch": torch.__version__,
+            "numa": args.numa, "numa_nodes": [list(c) for c in read_topology().nodes],
+            "numa_env": os.environ.get("KT_AMX_NUMA"),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     print(f"# {cpu} | isa {meta['isa']} | {threads} threads | read {bw / 1e9:.1f} GB/s "
-          f"(median {bw_median / 1e9:.1f}) | peak int8 {peak / 1e12:.2f} TOPS | KT_AMX_MIN_ROWS {meta['amx_min_rows']}")
+          f"(median {bw_median / 1e9:.1f}) | peak int8 {peak / 1e12:.2f} TOPS | KT_AMX_MIN_ROWS {meta['amx_min_rows']} "
+          f"| numa {args.numa} over {len(meta['numa_nodes'])} node(s)")
     print(f"{'shape':14s} {'fmt':5s} {'T':>5s} {'ms':>9s} {'floor ms':>9s} {'frac_bw':>8s} {'TOPS':>7s} "
           f"{'frac_pk':>8s}" + (f" {'ms gpu-io':>10s}" if gpu_io else ""))
     results = []
     for shape in args.shapes:
         for fmt_name in args.formats:
-            first = random_layer(shape, FORMATS[fmt_name], threads)
+            first = random_layer(shape, FORMATS[fmt_name], threads, args.numa)
             copies = max(1, min(8, -(-3 * l3_bytes() // first.packed_bytes())))
-            layers = [first] + [random_layer(shape, FORMATS[fmt_name], threads) for _ in range(copies - 1)]
+            layers = [first] + [random_layer(shape, FORMATS[fmt_name], threads, args.numa) for _ in range(copies - 1)]
             for T in args.tokens:
+                plan = first.plan
                 row = {"shape": shape, "format": fmt_name, "layer_copies": copies,
+                       "numa_parts": plan.n_parts if plan else 1, "numa_bounds": plan.bounds if plan else None,
                        **bench_case(layers, T, bw, peak, gpu_io)}
                 results.append(row)
                 print(f"{shape:14s} {fmt_name:5s} {T:5d} {row['ms']:9.3f} {row['bw_floor_ms']:9.3f} "

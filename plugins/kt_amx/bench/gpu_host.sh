@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # kt-amx on the GPU host (Intel Xeon with AMX): install, AMX tests, benchmark. Run from the
 # repository root:  bash plugins/kt_amx/bench/gpu_host.sh [THREADS]
-# Writes env.txt, tests.log, bench.log, bench_amx.json and sweep_*.json under $OUT (at most 8
+# Writes env.txt, tests.log, bench.log (+ the NUMA split run), bench_amx.json and sweep_*.json under $OUT (at most 8
 # files come back from the device tool), install.log only when the editable install fails.
 # Packages the host image lacks (cffi for Python 3.12, pycparser, gguf) are read as wheels
 # from plugins/kt_amx/.whl when present (see README.md).
@@ -40,7 +40,7 @@ tail -3 /tmp/kt_amx_install.log
 "$PY" -c "from kt_amx import _lib; print('isa', _lib.available_isa(), 'threads', _lib.default_threads())"
 
 step "all tests (AMX included)"
-timeout 150 "$PY" -m pytest plugins/kt_amx/tests -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/tests.log" | tail -6
+timeout 200 "$PY" -m pytest plugins/kt_amx/tests -q -p no:cacheprovider -rs 2>&1 | tee "$OUT/tests.log" | tail -6
 
 step bench
 timeout 150 "$PY" plugins/kt_amx/bench/bench_experts.py --threads "$THREADS" --gpu-io \
@@ -53,4 +53,8 @@ for rows in 1 33; do
 done
 KT_AMX_ISA=avx512 timeout 45 "$PY" $B --threads "$THREADS" --json "$OUT/sweep_avx512.json" 2>&1 | tail -7
 timeout 45 "$PY" plugins/kt_amx/bench/bench_experts.py --threads 16 --tokens 1 4 --json "$OUT/sweep_t16.json" 2>&1 | tail -5
+
+step "NUMA split over 2 simulated nodes (the log only: at most 8 files come back)"
+KT_AMX_NUMA=2 timeout 50 "$PY" plugins/kt_amx/bench/bench_experts.py --numa split --shapes deepseek-v3 --formats int4 \
+    --tokens 1 32 256 --threads "$THREADS" --bw-gib 1 2>&1 | tee -a "$OUT/bench.log" | tail -5
 step done

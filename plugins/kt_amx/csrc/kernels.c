@@ -285,6 +285,22 @@ static void KT_FN(reduce)(void *y, int32_t y_dtype, int32_t H, const float *ypai
     }
 }
 
+static void KT_FN(store_rows)(void *y, int32_t y_dtype, int64_t ldy, const float *src, int64_t lds,
+                              const float *bias, int32_t rows, int32_t cols) {
+    for (int32_t r = 0; r < rows; r++) {
+        const float *s = src + (int64_t)r * lds;
+        for (int32_t c = 0; c < cols; c += 16) {
+            const __mmask16 mk = cols - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cols - c)) - 1);
+            __m512 v = _mm512_maskz_loadu_ps(mk, s + c);
+            if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mk, bias + c));
+            if (y_dtype == KT_DT_F32)
+                _mm512_mask_storeu_ps((float *)y + (int64_t)r * ldy + c, mk, v);
+            else
+                _mm256_mask_storeu_epi16((uint16_t *)y + (int64_t)r * ldy + c, mk, (__m256i)_mm512_cvtneps_pbh(v));
+        }
+    }
+}
+
 #else
 /* ======================================= AVX2 ======================================= */
 
@@ -590,6 +606,28 @@ static void KT_FN(reduce)(void *y, int32_t y_dtype, int32_t H, const float *ypai
                 uint16_t *yo = (uint16_t *)y + (int64_t)t * H + n;
                 _mm_storeu_si128((__m128i *)yo, bf16x8(a));
                 _mm_storeu_si128((__m128i *)(yo + 8), bf16x8(b));
+            }
+        }
+    }
+}
+
+static void KT_FN(store_rows)(void *y, int32_t y_dtype, int64_t ldy, const float *src, int64_t lds,
+                              const float *bias, int32_t rows, int32_t cols) {
+    for (int32_t r = 0; r < rows; r++) {
+        const float *s = src + (int64_t)r * lds;
+        for (int32_t c = 0; c < cols; c += 8) {
+            const int32_t nc = KT_MIN(8, cols - c);
+            float tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0}, bt[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            memcpy(tmp, s + c, sizeof(float) * (size_t)nc);
+            if (bias) memcpy(bt, bias + c, sizeof(float) * (size_t)nc);
+            const __m256 v = _mm256_add_ps(_mm256_loadu_ps(tmp), _mm256_loadu_ps(bt));
+            if (y_dtype == KT_DT_F32) {
+                _mm256_storeu_ps(tmp, v);
+                memcpy((float *)y + (int64_t)r * ldy + c, tmp, sizeof(float) * (size_t)nc);
+            } else {
+                uint16_t h[8];
+                _mm_storeu_si128((__m128i *)h, bf16x8(v));
+                memcpy((uint16_t *)y + (int64_t)r * ldy + c, h, sizeof(uint16_t) * (size_t)nc);
             }
         }
     }
@@ -910,6 +948,7 @@ const kt_isa_ops KT_OPS = {
 #endif
     .act_mul = KT_FN(act_mul),
     .reduce = KT_FN(reduce),
+    .store_rows = KT_FN(store_rows),
     .read_sum = KT_FN(read_sum),
     .peak_int8 = KT_FN(peak_int8),
 };

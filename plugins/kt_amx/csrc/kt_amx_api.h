@@ -72,6 +72,31 @@ int kt_pool_size(void);
 int kt_physical_cores(void);
 /* Microseconds a worker (and a waiter) spins before sleeping. */
 void kt_pool_set_spin_us(int us);
+/* Starts the pool with worker i pinned to cpus[i] (cpus NULL: unpinned); like kt_pool_start
+ * otherwise (the NUMA-aware placement is computed by kt_amx/numa.py). */
+int kt_pool_start_cpus(int n_threads, const int32_t *cpus);
+/* Logical CPU worker i is pinned to, -1 when unpinned or out of range. */
+int kt_pool_worker_cpu(int worker);
+
+/* --- the shared pool for other CPU plugins (DESIGN section 6) ------------------------- */
+typedef void (*kt_task_fn)(void *ctx, int64_t item, int worker);
+/* Runs fn(ctx, item, worker) for item = 0 .. n_items-1 on the pool's workers (each item once,
+ * worker in [0, kt_pool_size())) and returns 0 when all are done; nonzero when the pool is
+ * not started. Blocking. A kt-amx job running on the pool is waited for first (one job at a
+ * time: calls serialise, they never interleave). Called from inside a pool task it runs the
+ * items inline on the calling worker instead of deadlocking. */
+int kt_pool_parallel_for(kt_task_fn fn, void *ctx, int64_t n_items);
+
+/* --- NUMA placement -------------------------------------------------------------------- */
+/* Page-aligned anonymous memory no thread has touched yet (mmap); NULL on failure. */
+void *kt_numa_alloc(int64_t bytes);
+void kt_numa_free(void *p, int64_t bytes);
+/* Copies bytes from src to dst on the pool workers w with node_of_worker[w] == node (the
+ * first writer of a page places it: first touch). mbind_node >= 0 also asks the kernel to
+ * prefer that physical node for dst (mbind via syscall; ignored where unavailable).
+ * n_workers: entries of node_of_worker. Returns 0 on success. */
+int kt_numa_copy(void *dst, const void *src, int64_t bytes, const int32_t *node_of_worker, int32_t n_workers,
+                 int32_t node, int32_t mbind_node);
 
 /* --- layers --------------------------------------------------------------------------- */
 /* Bytes of one expert's packed weights and of its scales (0 for bf16); -1 if invalid. */
@@ -83,6 +108,15 @@ void kt_moe_destroy(kt_moe *moe);
 /* Grows the workspace to T tokens of top-k K (never shrinks). 0 on success. */
 int kt_moe_reserve(kt_moe *moe, int32_t tokens, int32_t top_k);
 size_t kt_moe_workspace_bytes(const kt_moe *moe);
+/* A layer made of per-NUMA-node parts (kt_amx/numa.py). mode 0 (split): part j holds rows
+ * [I_j0, I_j1) of gate/up and the matching columns of down of every owned expert; each part
+ * computes a partial y (fp32) and the partials are summed in part order (deterministic).
+ * mode 1 (mirror): every part is a full copy; part j computes the active experts (those with
+ * routed pairs in this forward, in slot order) of rank j, j + n, j + 2n, ... into its partial.
+ * Part j runs on the pool workers w with node_of_worker[w] == j (a part with no worker
+ * borrows worker j % n). The parts stay owned by the caller and must outlive the layer. */
+kt_moe *kt_moe_combine(kt_moe *const *parts, int32_t n_parts, int32_t mode, const int32_t *node_of_worker,
+                       int32_t n_workers, char *err, int32_t err_len);
 
 /* --- jobs: one forward of one layer ---------------------------------------------------- */
 kt_job *kt_job_create(void);
@@ -103,6 +137,25 @@ int kt_run(kt_job *job);
  * instruction (AMX tiles, vpdpbusd or vpmaddubsw). Returns the seconds it took; *ops gets the
  * int8 operations done (kind 2). */
 double kt_pool_bench(int32_t kind, const void *p, int64_t bytes, int64_t iters, int32_t n_threads, int64_t *ops);
+/* --- dense linear layers: one packed matrix [n][k] (like one expert's) + optional bias --- */
+typedef struct {
+    int32_t format;       /* KT_FMT_* */
+    int32_t group;        /* as kt_layer */
+    int32_t scale_f32;
+    int32_t symmetric;
+    int32_t out_features; /* columns of y actually written (<= weight.n) */
+    kt_matrix weight;     /* n a multiple of 16 (zero rows past out_features), k of 32 */
+    const float *bias;    /* [out_features] or NULL */
+} kt_dense;
+typedef struct kt_linear kt_linear;
+kt_linear *kt_linear_create(const kt_dense *desc, char *err, int32_t err_len);
+void kt_linear_destroy(kt_linear *lin);
+/* Grows the workspace to T rows. 0 on success. */
+int kt_linear_reserve(kt_linear *lin, int32_t tokens);
+/* y [T][out_features] = x [T][k] W^T + b, x and y both KT_DT_* of x_dtype. Run with kt_run
+ * (or kt_submit/kt_wait). */
+int kt_linear_set(kt_job *job, kt_linear *lin, int32_t tokens, const void *x, int32_t x_dtype, void *y,
+                  int32_t n_threads);
 /* The same two as void (*)(void *) callbacks for cudaLaunchHostFunc (user data = kt_job *). */
 void kt_host_submit(void *job);
 void kt_host_wait(void *job);

@@ -80,6 +80,10 @@ typedef struct {
     /* y[t] = sum_k w[t][k] * ypair[row[t][k]] (rows < 0 skipped), written as y_dtype. */
     void (*reduce)(void *y, int32_t y_dtype, int32_t H, const float *ypair, const int32_t *tk_row,
                    const float *w, int32_t K, int32_t t0, int32_t t1);
+    /* y[r][c] = src[r][c] (+ bias[c]) for r < rows, c < cols (any cols; src rows hold at least
+     * cols rounded up to 16), stored as y_dtype with rows ldy elements apart. */
+    void (*store_rows)(void *y, int32_t y_dtype, int64_t ldy, const float *src, int64_t lds, const float *bias,
+                       int32_t rows, int32_t cols);
     /* Releases this thread's tile state (AMX); NULL elsewhere. */
     void (*tile_release)(void);
     /* Benchmarks: XOR of n bytes read with the widest loads (n a multiple of 64), and `iters`
@@ -112,5 +116,8 @@ static inline int64_t kt_amx_scratch_bytes(int32_t k) { return (int64_t)k * 16 +
 int kt_pool_submit_job(kt_job *job);
 int kt_pool_wait_job(kt_job *job);
 void kt_pool_forget_job(kt_job *job);
+/* Blocking parallel-for on the workers of wmap ([pool size] -> index, -1 = not taking part;
+ * NULL = the first nw workers). */
+int kt_pool_run_for(kt_task_fn fn, void *ctx, int64_t n_items, const int32_t *wmap, int32_t nw);
 
 #endif

@@ -45,7 +45,10 @@ typedef struct {
     int32_t rmax;
 } kt_ws;
 
-enum { KT_JOB_MOE = 0, KT_JOB_BENCH_READ = 1, KT_JOB_BENCH_PEAK = 2 };
+enum { KT_JOB_MOE = 0, KT_JOB_BENCH_READ = 1, KT_JOB_BENCH_PEAK = 2, KT_JOB_FOR = 3, KT_JOB_LINEAR = 4 };
+
+/* Phases of a linear job (linear.c). */
+enum { KT_LPH_QUANT = 0, KT_LPH_GEMM, KT_LPH_COUNT };
 
 struct kt_job {
     int32_t kind;          /* KT_JOB_* */
@@ -53,8 +56,14 @@ struct kt_job {
     const uint8_t *bench_p;
     int64_t bench_bytes, bench_iters;
     _Atomic int64_t bench_ops;
-    /* arguments (kt_job_set) */
+    /* parallel-for jobs (kt_pool_parallel_for, kt_numa_copy): items from for_next */
+    kt_task_fn for_fn;
+    void *for_ctx;
+    int64_t for_items;
+    _Atomic int64_t for_next;
+    /* arguments (kt_job_set / kt_linear_set) */
     kt_moe *moe;
+    struct kt_linear *lin;
     int32_t T, K;
     const void *x;
     int32_t x_dtype;
@@ -63,11 +72,20 @@ struct kt_job {
     const float *w;
     void *y;
     int32_t n_threads;
+    int32_t y_dtype;       /* KT_DT_* of y (fp32 for the partial sums of a layer of parts) */
+    int32_t part_id, part_n; /* mirror parts: compute only the active experts of rank % part_n == part_id */
     int32_t is_set;
     /* fixed at submit */
     const kt_isa_ops *ops;
     kt_ws ws;
     int32_t nw;            /* participating workers */
+    const int32_t *wmap;   /* [pool size]: a worker's index in this job, -1 = not taking part;
+                            * NULL = the first nw workers */
+    int32_t n_phases;      /* phases run (KT_NUM_PHASES for a layer, 1 for the others) */
+    /* a layer of NUMA parts: one sub-job per part, run before this job's own phase 0 */
+    int32_t n_subs;
+    struct kt_job **subs;
+    int32_t *sub_wmap;     /* [n_subs][pool size] */
     int32_t n_rows;        /* padded rows in use (routing) */
     int32_t n_active;      /* experts with at least one pair */
     int32_t use_amx_min;   /* rows from which an expert runs on AMX tiles */
@@ -82,9 +100,13 @@ struct kt_job {
     int32_t submitted;
 };
 
-/* moe.c: prepares a submitted job (workspace addresses, phase 0 items). Returns a status. */
+/* moe.c: prepares a submitted job (workspace addresses, phase 0 items). Returns a status.
+ * Sub-jobs of a layer of parts are prepared here too. */
 int kt_job_prepare(kt_job *job, int32_t pool_threads);
 /* moe.c: one item of one phase. */
 void kt_job_item(kt_job *job, int32_t phase, int32_t item, int32_t worker);
+/* linear.c */
+int kt_linear_prepare(kt_job *job, int32_t pool_threads);
+void kt_linear_item(kt_job *job, int32_t phase, int32_t item, int32_t worker);
 
 #endif

@@ -26,7 +26,19 @@ struct kt_moe {
     uint8_t *ws;
     size_t ws_bytes;
     int32_t amx_min_rows;
+    /* a layer of NUMA parts (kt_moe_combine); n_parts 0 for a plain layer. Every part writes
+     * an fp32 partial y; the partials are summed in part order. */
+    int32_t n_parts, mode;
+    kt_moe **parts;
+    int32_t *node_of_worker;
+    int32_t n_workers;
+    int32_t res_T;        /* tokens the part workspaces and the partial sums are sized for */
+    float *partial;       /* [n_parts][T][H] fp32 partial outputs */
+    int32_t *sum_rows;    /* [T][n_parts] row of each partial in `partial` */
+    float *ones;          /* [T * n_parts] weights 1 of the sum */
 };
+
+enum { KT_NUMA_SPLIT = 0, KT_NUMA_MIRROR = 1 };
 
 static int32_t ceil_div(int32_t a, int32_t b) { return (a + b - 1) / b; }
 static int32_t min32(int32_t a, int32_t b) { return a < b ? a : b; }
@@ -131,12 +143,78 @@ kt_moe *kt_moe_create(const kt_layer *d, char *err, int32_t err_len) {
 
 void kt_moe_destroy(kt_moe *m) {
     if (!m) return;
+    free(m->parts);
+    free(m->node_of_worker);
+    free(m->partial);
+    free(m->sum_rows);
+    free(m->ones);
     free(m->ws);
     free(m->slot_of);
     free(m);
 }
 
-size_t kt_moe_workspace_bytes(const kt_moe *m) { return m->ws_bytes; }
+size_t kt_moe_workspace_bytes(const kt_moe *m) {
+    size_t n = m->ws_bytes;
+    for (int32_t j = 0; j < m->n_parts; j++) n += kt_moe_workspace_bytes(m->parts[j]);
+    if (m->n_parts)
+        n += (size_t)m->res_T * m->n_parts * ((size_t)m->d.hidden * 4 + 8);
+    return n;
+}
+
+kt_moe *kt_moe_combine(kt_moe *const *parts, int32_t n_parts, int32_t mode, const int32_t *node_of_worker,
+                       int32_t n_workers, char *err, int32_t err_len) {
+    char dummy[8];
+    if (!err || err_len <= 0) err = dummy, err_len = sizeof dummy;
+    err[0] = 0;
+    if (n_parts < 1 || !parts || (mode != KT_NUMA_SPLIT && mode != KT_NUMA_MIRROR) || n_workers < 0 ||
+        (n_workers > 0 && !node_of_worker)) {
+        snprintf(err, err_len, "bad NUMA parts (n=%d, mode=%d)", n_parts, mode);
+        return NULL;
+    }
+    int32_t inter = 0;
+    for (int32_t j = 0; j < n_parts; j++) {
+        const kt_moe *p = parts[j];
+        if (!p || p->n_parts || p->d.hidden != parts[0]->d.hidden || p->d.n_experts != parts[0]->d.n_experts ||
+            p->d.format != parts[0]->d.format || (mode == KT_NUMA_MIRROR && p->d.inter != parts[0]->d.inter)) {
+            snprintf(err, err_len, "NUMA part %d does not match part 0", j);
+            return NULL;
+        }
+        inter += p->d.inter;
+    }
+    kt_moe *m = calloc(1, sizeof *m);
+    m->d = parts[0]->d;
+    m->d.inter = mode == KT_NUMA_SPLIT ? inter : parts[0]->d.inter;
+    m->fmt = parts[0]->fmt;
+    m->amx_min_rows = parts[0]->amx_min_rows;
+    m->n_parts = n_parts;
+    m->mode = mode;
+    m->parts = malloc(sizeof(kt_moe *) * (size_t)n_parts);
+    memcpy(m->parts, parts, sizeof(kt_moe *) * (size_t)n_parts);
+    m->n_workers = n_workers;
+    m->node_of_worker = malloc(sizeof(int32_t) * (size_t)(n_workers > 0 ? n_workers : 1));
+    if (n_workers > 0) memcpy(m->node_of_worker, node_of_worker, sizeof(int32_t) * (size_t)n_workers);
+    return m;
+}
+
+static int reserve_parts(kt_moe *m, int32_t T, int32_t K) {
+    const int32_t n = m->n_parts;
+    for (int32_t j = 0; j < n; j++)
+        if (kt_moe_reserve(m->parts[j], T, K) != 0) return -1;
+    if (T > m->res_T) {
+        const size_t rows = (size_t)T * n;
+        float *partial = malloc(rows * (size_t)m->d.hidden * sizeof(float) + KT_ALIGN);
+        int32_t *sum_rows = malloc(rows * sizeof(int32_t));
+        float *ones = malloc(rows * sizeof(float));
+        if (!partial || !sum_rows || !ones) {
+            free(partial), free(sum_rows), free(ones);
+            return -1;
+        }
+        free(m->partial), free(m->sum_rows), free(m->ones);
+        m->partial = partial, m->sum_rows = sum_rows, m->ones = ones;
+    }
+    if (T > m->res_T) m->res_T = T;
+    return 0;
+}
 
 /* Carves the workspace for T tokens x top-k K; base NULL only measures. Returns its size. */
 static size_t ws_layout(const kt_moe *m, int32_t T, int32_t K, int32_t threads, uint8_t *base, kt_ws *ws) {
@@ -183,6 +261,7 @@ static int32_t pool_threads_or_one(void) {
 
 int kt_moe_reserve(kt_moe *m, int32_t T, int32_t K) {
     if (T < 0 || K <= 0) return -1;
+    if (m->n_parts) return reserve_parts(m, T, K);
     kt_ws probe;
     const size_t need = ws_layout(m, T, K, pool_threads_or_one(), NULL, &probe);
     if (need <= m->ws_bytes) return 0;
@@ -203,9 +282,17 @@ kt_job *kt_job_create(void) {
     return p;
 }
 
+static void free_subs(kt_job *job) {
+    for (int32_t s = 0; s < job->n_subs; s++) kt_job_destroy(job->subs[s]);
+    free(job->subs);
+    free(job->sub_wmap);
+    job->subs = NULL, job->sub_wmap = NULL, job->n_subs = 0;
+}
+
 void kt_job_destroy(kt_job *job) {
     if (!job) return;
     kt_pool_forget_job(job);
+    free_subs(job);
     free(job);
 }
 
@@ -213,20 +300,96 @@ int kt_job_set(kt_job *job, kt_moe *moe, int32_t T, int32_t K, const void *x, in
                int32_t ids_int64, const float *w, void *y, int32_t n_threads) {
     if (!job || !moe || T < 0 || K <= 0 || (x_dtype != KT_DT_F32 && x_dtype != KT_DT_BF16)) return -1;
     if (T > 0 && (!x || !ids || !w || !y)) return -1;
+    job->kind = KT_JOB_MOE;
     job->moe = moe;
+    job->lin = NULL;
     job->T = T, job->K = K;
     job->x = x, job->x_dtype = x_dtype;
     job->ids = ids, job->ids_int64 = ids_int64 ? 1 : 0;
     job->w = w, job->y = y;
+    job->y_dtype = x_dtype;
     job->n_threads = n_threads;
     job->is_set = 1;
     return 0;
 }
 
+static void reset_sub(kt_job *sub) {
+    for (int p = 0; p < KT_NUM_PHASES; p++) atomic_store_explicit(&sub->next[p], 0, memory_order_relaxed);
+    atomic_store(&sub->bar_count, 0);
+    atomic_store(&sub->bar_gen, 0);
+    atomic_store(&sub->status, KT_OK);
+}
+
+/* Workers of part j among the first nw: those on node j, else one borrowed (j % nw). */
+static int32_t part_workers(const kt_moe *m, int32_t j, int32_t nw, int32_t pool_threads, int32_t *wmap) {
+    int32_t count = 0;
+    for (int32_t w = 0; w < pool_threads; w++)
+        wmap[w] = w < nw && w < m->n_workers && m->node_of_worker[w] == j ? count++ : -1;
+    if (count == 0) wmap[j % nw] = count++;
+    return count;
+}
+
+static int prepare_parts(kt_job *job, int32_t pool_threads) {
+    kt_moe *m = job->moe;
+    const int32_t n = m->n_parts, T = job->T, H = m->d.hidden, K = job->K;
+    if (job->n_subs != n) {
+        free_subs(job);
+        job->subs = calloc((size_t)n, sizeof(kt_job *));
+        job->sub_wmap = malloc(sizeof(int32_t) * (size_t)n * (size_t)pool_threads);
+        if (!job->subs || !job->sub_wmap) return KT_E_WORKSPACE;
+        job->n_subs = n;
+        for (int32_t j = 0; j < n; j++)
+            if (!(job->subs[j] = kt_job_create())) return KT_E_WORKSPACE;
+    }
+    if (T > m->res_T) return KT_E_WORKSPACE;
+    job->nw = job->n_threads > 0 && job->n_threads < pool_threads ? job->n_threads : pool_threads;
+    job->wmap = NULL;
+    job->n_phases = 1;
+    job->use_amx_min = m->amx_min_rows;
+    memset(job->n_items, 0, sizeof job->n_items);
+    for (int32_t j = 0; j < n; j++) {
+        kt_job *sub = job->subs[j];
+        sub->kind = KT_JOB_MOE;
+        sub->moe = m->parts[j];
+        sub->T = T, sub->K = K;
+        sub->x = job->x, sub->x_dtype = job->x_dtype;
+        sub->ids = job->ids, sub->ids_int64 = job->ids_int64;
+        sub->w = job->w;
+        sub->y = m->partial + (int64_t)j * T * H; /* fp32 partial of this part */
+        sub->y_dtype = KT_DT_F32;
+        sub->part_id = m->mode == KT_NUMA_MIRROR ? j : 0;
+        sub->part_n = m->mode == KT_NUMA_MIRROR ? n : 1;
+        sub->n_threads = job->n_threads;
+        sub->is_set = 1;
+        const int status = kt_job_prepare(sub, pool_threads);
+        if (status != KT_OK) return status;
+        int32_t *wmap = job->sub_wmap + (int64_t)j * pool_threads;
+        sub->nw = part_workers(m, j, job->nw, pool_threads, wmap);
+        sub->wmap = wmap;
+        reset_sub(sub);
+    }
+    for (int32_t t = 0; t < T; t++)
+        for (int32_t j = 0; j < n; j++) {
+            m->sum_rows[(int64_t)t * n + j] = j * T + t;
+            m->ones[(int64_t)t * n + j] = 1.0f;
+        }
+    job->n_items[0] = ceil_div(T, KT_TCH);
+    return KT_OK;
+}
+
 int kt_job_prepare(kt_job *job, int32_t pool_threads) {
+    if (job->kind == KT_JOB_FOR) {
+        job->ops = NULL;
+        job->n_phases = 1;
+        if (!job->wmap) job->nw = job->nw > 0 && job->nw < pool_threads ? job->nw : pool_threads;
+        return KT_OK;
+    }
     job->ops = kt_isa_ops_selected();
     if (!job->ops) return KT_E_NO_ISA;
+    if (job->kind == KT_JOB_LINEAR) return kt_linear_prepare(job, pool_threads);
+    if (job->kind == KT_JOB_MOE && job->is_set && job->moe->n_parts) return prepare_parts(job, pool_threads);
     if (job->kind != KT_JOB_MOE) {
+        job->n_phases = 1;
         job->nw = job->n_threads > 0 && job->n_threads < pool_threads ? job->n_threads : pool_threads;
         memset(job->n_items, 0, sizeof job->n_items);
         job->n_items[0] = job->nw;
@@ -242,6 +405,8 @@ int kt_job_prepare(kt_job *job, int32_t pool_threads) {
         job->ws.hrow = (int64_t)m->d.inter * 4;
     }
     job->nw = job->n_threads > 0 && job->n_threads < pool_threads ? job->n_threads : pool_threads;
+    job->wmap = NULL;
+    job->n_phases = KT_NUM_PHASES;
     job->use_amx_min = m->amx_min_rows;
     job->n_rows = job->n_active = 0;
     memset(job->n_items, 0, sizeof job->n_items);
@@ -272,6 +437,9 @@ static void route(kt_job *j) {
         w->tk_row[p] = s;
         if (s >= 0) w->counts[s]++;
     }
+    if (j->part_n > 1) /* a mirror part: every part_n-th active expert, from part_id */
+        for (int32_t s = 0, rank = 0; s < n; s++)
+            if (w->counts[s] && rank++ % j->part_n != j->part_id) w->counts[s] = 0;
     int32_t rows = 0, na = 0;
     for (int32_t s = 0; s < n; s++) {
         w->fill[s] = 0;
@@ -284,6 +452,10 @@ static void route(kt_job *j) {
     for (int32_t p = 0; p < P; p++) {
         const int32_t s = w->tk_row[p];
         if (s < 0) continue;
+        if (!w->counts[s]) { /* another mirror part computes it */
+            w->tk_row[p] = -1;
+            continue;
+        }
         const int32_t r = w->row_off[s] + w->fill[s]++;
         w->pair_token[r] = p / K;
         w->tk_row[p] = r;
@@ -419,8 +591,18 @@ static void bench_item(kt_job *j, int32_t item) {
 }
 
 void kt_job_item(kt_job *j, int32_t phase, int32_t item, int32_t worker) {
+    if (j->kind == KT_JOB_LINEAR) {
+        kt_linear_item(j, phase, item, worker);
+        return;
+    }
     if (j->kind != KT_JOB_MOE) {
         bench_item(j, item);
+        return;
+    }
+    if (j->moe->n_parts) { /* the sum of the parts' partial outputs, in part order */
+        const kt_moe *m = j->moe;
+        const int32_t t0 = item * KT_TCH, t1 = min32(j->T, t0 + KT_TCH);
+        j->ops->reduce(j->y, j->y_dtype, m->d.hidden, m->partial, m->sum_rows, m->ones, m->n_parts, t0, t1);
         return;
     }
     switch (phase) {
@@ -436,7 +618,7 @@ void kt_job_item(kt_job *j, int32_t phase, int32_t item, int32_t worker) {
     case KT_PH_DOWN: down(j, item, worker); break;
     case KT_PH_REDUCE: {
         const int32_t t0 = item * KT_TCH, t1 = min32(j->T, t0 + KT_TCH);
-        j->ops->reduce(j->y, j->x_dtype, j->moe->d.hidden, j->ws.ypair, j->ws.tk_row, j->w, j->K, t0, t1);
+        j->ops->reduce(j->y, j->y_dtype, j->moe->d.hidden, j->ws.ypair, j->ws.tk_row, j->w, j->K, t0, t1);
         break;
     }
     default: break;

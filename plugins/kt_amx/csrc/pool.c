@@ -5,7 +5,14 @@
  * phases; all its participants run every phase, taking items from the phase's atomic
  * counter, and meet at a barrier between phases. The last participant to finish marks the
  * job done and wakes a sleeping waiter. One job runs at a time; a submit first waits for the
- * job before it. Workers can be pinned to one physical core each.
+ * job before it. Workers can be pinned to one physical core each (or to the CPUs the NUMA
+ * placement of kt_amx/numa.py chose: kt_pool_start_cpus).
+ *
+ * A job may involve only some workers (wmap / nw), but every worker checks in for every job
+ * before it is marked done, so no worker can read a job after its owner freed it. A layer of
+ * NUMA parts runs its parts' sub-jobs first, each on the workers of its node. Parallel-for
+ * jobs (kt_pool_parallel_for, the shared pool API for other plugins) are plain jobs of one
+ * phase, so they queue behind a running layer job like any other.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -115,16 +122,51 @@ static void job_barrier(kt_job *job) {
     }
 }
 
-static void job_execute(kt_pool *pool, kt_job *job, int worker) {
-    for (int p = 0; p < KT_NUM_PHASES; p++) {
+/* The phases of one job on one participant (`local` is its index in the job). */
+static void run_phases(kt_job *job, int local) {
+    const int np = job->n_phases > 0 ? job->n_phases : KT_NUM_PHASES;
+    for (int p = 0; p < np; p++) {
         const int32_t n = job->n_items[p];
         int32_t i;
         while ((i = atomic_fetch_add_explicit(&job->next[p], 1, memory_order_relaxed)) < n)
-            kt_job_item(job, p, i, worker);
-        if (p + 1 < KT_NUM_PHASES) job_barrier(job);
+            kt_job_item(job, p, i, local);
+        if (p + 1 < np) job_barrier(job);
     }
-    if (job->ops && job->ops->tile_release) job->ops->tile_release();
-    if (atomic_fetch_add_explicit(&job->finished, 1, memory_order_acq_rel) == job->nw - 1) {
+}
+
+static void run_for(kt_job *job, int pool_worker) {
+    int64_t i;
+    while ((i = atomic_fetch_add_explicit(&job->for_next, 1, memory_order_relaxed)) < job->for_items)
+        job->for_fn(job->for_ctx, i, pool_worker);
+}
+
+static int job_local(const kt_job *job, int pool_worker) {
+    if (job->wmap) return job->wmap[pool_worker];
+    return pool_worker < job->nw ? pool_worker : -1;
+}
+
+/* Runs a job on pool worker `pool_worker`: first the sub-jobs of the parts this worker serves
+ * (in part order, so that a worker serving two parts cannot deadlock their barriers), then,
+ * after a barrier of all participants, the job's own phases. Every worker of the pool checks
+ * in, taking part or not: a job is done only once no worker will read it again (the waiter
+ * may free it), and a worker can never skip a generation and pick up the next job twice. */
+static void job_execute(kt_pool *pool, kt_job *job, int pool_worker) {
+    const int local = job_local(job, pool_worker);
+    if (local >= 0) {
+        if (job->kind == KT_JOB_FOR) {
+            run_for(job, pool_worker);
+        } else {
+            for (int s = 0; s < job->n_subs; s++) {
+                kt_job *sub = job->subs[s];
+                const int l = sub->wmap[pool_worker];
+                if (l >= 0) run_phases(sub, l);
+            }
+            if (job->n_subs > 0) job_barrier(job);
+            run_phases(job, local);
+        }
+        if (job->ops && job->ops->tile_release) job->ops->tile_release();
+    }
+    if (atomic_fetch_add_explicit(&job->finished, 1, memory_order_acq_rel) == pool->n - 1) {
         atomic_store(&job->done, 1); /* seq_cst: pairs with the waiter's waiters++ / done load */
         if (atomic_load(&pool->waiters) > 0) {
             pthread_mutex_lock(&pool->mu);
@@ -134,11 +176,13 @@ static void job_execute(kt_pool *pool, kt_job *job, int worker) {
     }
 }
 
-/* ------------------------------------------------------------------------- workers */
+/* Pool worker id of the calling thread, -1 outside the pool. */
+static __thread int t_worker = -1;
 
 static void *worker_main(void *arg) {
     kt_worker *w = arg;
     kt_pool *pool = w->pool;
+    t_worker = w->id;
 #if defined(__linux__)
     if (w->cpu >= 0) {
         cpu_set_t set;
@@ -169,12 +213,37 @@ static void *worker_main(void *arg) {
         seen = g;
         kt_job *job = atomic_load_explicit(&pool->job, memory_order_acquire);
         if (!job) break; /* generation bumped with no job: shut down */
-        if (w->id < job->nw) job_execute(pool, job, w->id);
+        job_execute(pool, job, w->id);
     }
     return NULL;
 }
 
+static int pool_start(int n_threads, const int *cpus, int ncpus, int skip_first);
+
 int kt_pool_start(int n_threads, int pin) {
+    int cpus[1024];
+    const int ncores = pin ? physical_core_cpus(cpus, 1024) : 0;
+    /* Leave the first core to the thread that drives the model when there is room. */
+    return pool_start(n_threads, cpus, ncores, n_threads < ncores);
+}
+
+int kt_pool_start_cpus(int n_threads, const int32_t *cpus) {
+    int list[1024];
+    int n = 0;
+    if (cpus)
+        for (; n < n_threads && n < 1024; n++) list[n] = cpus[n];
+    return pool_start(n_threads, list, cpus ? n : 0, 0);
+}
+
+int kt_pool_worker_cpu(int worker) {
+    pthread_mutex_lock(&g_pool_mu);
+    const int cpu = g_pool && worker >= 0 && worker < g_pool->n ? g_pool->workers[worker].cpu : -1;
+    pthread_mutex_unlock(&g_pool_mu);
+    return cpu;
+}
+
+/* Worker i runs on cpus[(i + skip_first) % ncpus] (ncpus 0: unpinned). */
+static int pool_start(int n_threads, const int *cpus, int ncores, int skip_first) {
     pthread_mutex_lock(&g_pool_mu);
     if (g_pool) {
         const int n = g_pool->n;
@@ -189,16 +258,13 @@ int kt_pool_start(int n_threads, int pin) {
     pthread_mutex_init(&pool->submit_mu, NULL);
     pthread_cond_init(&pool->cv_work, NULL);
     pthread_cond_init(&pool->cv_done, NULL);
-    int cpus[1024];
-    const int ncores = pin ? physical_core_cpus(cpus, 1024) : 0;
     int started = 0;
     for (int i = 0; i < n_threads; i++) {
         kt_worker *w = &pool->workers[i];
         w->pool = pool;
         w->id = i;
         w->cpu = -1;
-        /* Leave the first core to the thread that drives the model when there is room. */
-        if (ncores > 0) w->cpu = cpus[(n_threads < ncores ? i + 1 : i) % ncores];
+        if (ncores > 0) w->cpu = cpus[(i + skip_first) % ncores];
         if (pthread_create(&pool->threads[i], NULL, worker_main, w) != 0) break;
         started++;
     }
@@ -247,6 +313,7 @@ int kt_pool_submit_job(kt_job *job) {
         return status;
     }
     for (int p = 0; p < KT_NUM_PHASES; p++) atomic_store_explicit(&job->next[p], 0, memory_order_relaxed);
+    atomic_store_explicit(&job->for_next, 0, memory_order_relaxed);
     atomic_store(&job->bar_count, 0);
     atomic_store(&job->bar_gen, 0);
     atomic_store(&job->finished, 0);
@@ -267,7 +334,9 @@ int kt_pool_wait_job(kt_job *job) {
     if (!job->submitted) return KT_E_NOT_SET;
     kt_pool *pool = g_pool;
     if (pool) wait_done(pool, job);
-    return atomic_load(&job->status);
+    int status = atomic_load(&job->status);
+    for (int s = 0; s < job->n_subs; s++) status |= atomic_load(&job->subs[s]->status);
+    return status;
 }
 
 /* Called before a job is freed: waits for it and drops the pool's reference. */
@@ -278,4 +347,34 @@ void kt_pool_forget_job(kt_job *job) {
     if (job->submitted) wait_done(pool, job);
     if (pool->current == job) pool->current = NULL;
     pthread_mutex_unlock(&pool->submit_mu);
+}
+
+/* ------------------------------------------------------------------- parallel for */
+
+int kt_pool_run_for(kt_task_fn fn, void *ctx, int64_t n_items, const int32_t *wmap, int32_t nw) {
+    if (!g_pool) return KT_E_NO_POOL;
+    if (n_items <= 0) return KT_OK;
+    if (t_worker >= 0) { /* nested inside a pool task: the pool is busy with our caller */
+        for (int64_t i = 0; i < n_items; i++) fn(ctx, i, t_worker);
+        return KT_OK;
+    }
+    kt_job *job = kt_job_create();
+    if (!job) return KT_E_WORKSPACE;
+    job->kind = KT_JOB_FOR;
+    job->for_fn = fn;
+    job->for_ctx = ctx;
+    job->for_items = n_items;
+    job->wmap = wmap;
+    job->nw = nw;
+    int status = kt_pool_submit_job(job);
+    if (status == KT_OK) status = kt_pool_wait_job(job);
+    kt_job_destroy(job);
+    return status;
+}
+
+int kt_pool_parallel_for(kt_task_fn fn, void *ctx, int64_t n_items) {
+    const int n = kt_pool_size();
+    if (n <= 0) return KT_E_NO_POOL;
+    if (!fn) return -1;
+    return kt_pool_run_for(fn, ctx, n_items, NULL, n);
 }

@@ -89,20 +89,40 @@ def default_threads() -> int:
 
 def ensure_pool(threads: int | None = None) -> int:
     """Starts the shared worker pool (first call decides its size); returns its size.
-    ``KT_AMX_PIN=0`` leaves the workers unpinned."""
+    ``KT_AMX_PIN=0`` leaves the workers unpinned. On a NUMA topology of several nodes
+    (``kt_amx.numa``, ``KT_AMX_NUMA``) the workers are spread over the nodes."""
     lib = kernels()[1]
     size = lib.kt_pool_size()
+    if not size and os.environ.get("KT_AMX_SPIN_US"):
+        set_spin_us(int(os.environ["KT_AMX_SPIN_US"]))
     if size:
         if threads and threads > size:
             logger.info("kt-amx: the worker pool already has %d threads; %d requested", size, threads)
         return size
     pin = os.environ.get("KT_AMX_PIN", "1") not in ("0", "false", "no")
-    return lib.kt_pool_start(int(threads or default_threads()), 1 if pin else 0)
+    n = int(threads or default_threads())
+    if pin:
+        from kt_amx import numa
+
+        topology = numa.read_topology()
+        if topology.n_nodes > 1:  # spread the workers over the nodes (kt_amx/numa.py)
+            cpus = numa.pool_cpus(topology, n)
+            return lib.kt_pool_start_cpus(n, kernels()[0].new("int32_t[]", cpus))
+    return lib.kt_pool_start(n, 1 if pin else 0)
 
 
 def set_spin_us(us: int) -> None:
     """Microseconds idle workers and waiters spin before they sleep."""
     kernels()[1].kt_pool_set_spin_us(int(us))
+
+
+def spin_for_graphs() -> None:
+    """Longer spinning once jobs run from CUDA host nodes (README "CUDA graphs"): the GPU's
+    work between two layers outlasts the default spin, and waking sleeping workers costs more.
+    ``KT_AMX_SPIN_US`` (set by the user) wins; ``KT_AMX_GRAPH_SPIN_US`` sets this value."""
+    if os.environ.get("KT_AMX_SPIN_US"):
+        return
+    set_spin_us(int(os.environ.get("KT_AMX_GRAPH_SPIN_US", "2000")))
 
 
 def address(tensor: torch.Tensor | None, ctype: str = "void *"):

@@ -9,7 +9,9 @@ asynchronous submit/wait API (kt_amx.jobs) used by CUDA-graph decode.
 
 Options: ``format`` bf16|int8|int4 (default: exact format of GGUF Q8_0/Q4_0/Q4_K sources,
 else bf16), ``group_size`` 32|64|128 or 0 = per output channel (int8; default 128),
-``symmetric`` (int4; default False = affine), ``threads`` (default: physical cores - 1).
+``symmetric`` (int4; default False = affine), ``threads`` (default: physical cores - 1),
+``numa`` split|mirror|off (default split; only matters on a topology of several nodes, see
+kt_amx.numa and kt_amx.numa_layer).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any, ClassVar
 import torch
 
 from kt_amx import _lib
+from kt_amx.numa import read_topology
+from kt_amx.numa_layer import MODES, Plan, build_parts, join_parts, make_plan, node_of_workers
 from kt_amx.packing import LayerFormat, PackedMatrix, layer_format, pack_matrix, unpack
 from ktcore.errors import BackendError, WeightError
 from ktcore.ops.experts import Experts, ExpertsSpec
@@ -51,7 +55,7 @@ def status_error(status: int) -> RuntimeError | IndexError:
 class AmxExperts(Experts):
     """Routed experts on the CPU with packed bf16/int8/int4 weights (see the module docstring)."""
 
-    option_names: ClassVar[tuple[str, ...]] = ("format", "group_size", "symmetric", "threads")
+    option_names: ClassVar[tuple[str, ...]] = ("format", "group_size", "symmetric", "threads", "numa")
 
     def __init__(self, spec: ExpertsSpec, device: str | torch.device = "cpu", options: Mapping[str, Any] | None = None):
         super().__init__(spec, device, options)
@@ -62,8 +66,16 @@ class AmxExperts(Experts):
             raise BackendError(f"{type(self).__name__}: unsupported activation {spec.activation!r}")
         threads = self.options.get("threads")
         self.threads = int(threads) if threads else _lib.default_threads()
+        self.numa = str(self.options.get("numa", "split"))
+        if self.numa not in MODES:
+            raise BackendError(f"{type(self).__name__}: option numa must be one of {', '.join(MODES)}, got {self.numa!r}")
         self.layer_format: LayerFormat | None = None
-        self.packed: dict[str, PackedMatrix] = {}  # plain attributes: Module.to() must not touch them
+        # plain attributes: Module.to() must not touch them. `packed` is the whole layer until
+        # _create_layer cuts it into per-node `parts` (split) or copies (mirror).
+        self.packed: dict[str, PackedMatrix] = {}
+        self.parts: list[dict[str, PackedMatrix]] = []
+        self.plan: Plan | None = None
+        self._part_moes: list = []
         self._moe = None
         self._job = None
         self._reserved = (0, 0)
@@ -89,8 +101,36 @@ class AmxExperts(Experts):
                      self.spec.num_experts, fmt)
 
     def _create_layer(self) -> None:
+        """Describes the packed weights to the C library: one kt_moe, or one per NUMA node
+        combined by kt_moe_combine (kt_amx/numa_layer.py)."""
         ffi, lib = _lib.kernels()
         _lib.ensure_pool(self.threads)
+        fmt = self.layer_format
+        whole = self.packed or self._whole()  # re-created after a split: reassembled
+        self.plan = make_plan(self.numa, read_topology(), fmt, self.spec.intermediate_size)
+        if self.plan is None:
+            self.packed = whole
+            self.parts = [whole]
+            self._part_moes = []
+            self._moe = self._make_moe(whole)
+        else:
+            nodes = node_of_workers(self.plan.topology)
+            self.parts = build_parts(whole, fmt, self.plan, nodes)
+            self.packed = {}  # the parts hold the bytes (once for split, once per node for mirror)
+            self._part_moes = [self._make_moe(p) for p in self.parts]
+            err = ffi.new("char[512]")
+            moe = lib.kt_moe_combine(self._part_moes, len(self._part_moes), 0 if self.plan.mode == "split" else 1,
+                                     ffi.new("int32_t[]", nodes), len(nodes), err, 512)
+            if moe == ffi.NULL:
+                raise WeightError(f"kt-amx: {ffi.string(err).decode()}")
+            self._moe = ffi.gc(moe, lib.kt_moe_destroy)
+            logger.debug("%s: %s over %d NUMA nodes, I cuts %s", type(self).__name__, self.plan.mode,
+                         self.plan.n_parts, self.plan.bounds)
+        self._job = ffi.gc(lib.kt_job_create(), lib.kt_job_destroy)
+        self._reserved = (0, 0)
+
+    def _make_moe(self, packed: dict[str, PackedMatrix]):
+        ffi, lib = _lib.kernels()
         s, fmt = self.spec, self.layer_format
         slot_of = torch.full((s.num_experts + 1,), -1, dtype=torch.int32)
         slot_of[list(s.owned_ids)] = torch.arange(s.num_owned, dtype=torch.int32)
@@ -103,26 +143,39 @@ class AmxExperts(Experts):
         desc.n_experts = s.num_experts
         desc.n_slots = s.num_owned
         desc.hidden = s.hidden_size
-        desc.inter = s.intermediate_size
+        desc.inter = packed["gate"].n
         desc.slot_of = _lib.address(slot_of, "int32_t *")  # copied by kt_moe_create
         for name in self.weight_names():
-            p, m = self.packed[name], getattr(desc, name)
+            p, m = packed[name], getattr(desc, name)
             m.w, m.scale, m.zmin = _lib.address(p.w), _lib.address(p.scale), _lib.address(p.zmin)
             m.n, m.k = p.n, p.k
         err = ffi.new("char[512]")
         moe = lib.kt_moe_create(desc, err, 512)
         if moe == ffi.NULL:
             raise WeightError(f"kt-amx: {ffi.string(err).decode()}")
-        self._moe = ffi.gc(moe, lib.kt_moe_destroy)
-        self._job = ffi.gc(lib.kt_job_create(), lib.kt_job_destroy)
-        self._reserved = (0, 0)
+        return ffi.gc(moe, lib.kt_moe_destroy)
+
+    def _whole(self) -> dict[str, PackedMatrix]:
+        """The layer's packed matrices from its parts (cat along I for split)."""
+        if self.plan is not None and self.plan.mode == "split":
+            return join_parts(self.parts, self.layer_format)
+        return self.parts[0]
+
+    def dequantized_parts(self) -> list[dict[str, torch.Tensor]]:
+        """Per NUMA part (one part without NUMA): the packed weights as fp32 ``[n_owned, ...]``
+        (gate/up ``[n, I_j, H]``, down ``[n, H, I_j]``), what each part computes with."""
+        parts = self.parts if self.plan is not None and self.plan.mode == "split" else [self.parts[0]]
+        return [{name: unpack(p, self.layer_format) for name, p in part.items()} for part in parts]
 
     def dequantized(self) -> dict[str, torch.Tensor]:
         """The packed weights as fp32 ``[n_owned, ...]`` (what the kernels compute with)."""
-        return {name: unpack(p, self.layer_format) for name, p in self.packed.items()}
+        parts = self.dequantized_parts()
+        return {"gate": torch.cat([p["gate"] for p in parts], dim=1), "up": torch.cat([p["up"] for p in parts], dim=1),
+                "down": torch.cat([p["down"] for p in parts], dim=2)}
 
     def packed_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for p in self.packed.values()
+        """Bytes of packed weights held (every copy, for mirror)."""
+        return sum(t.numel() * t.element_size() for part in self.parts for p in part.values()
                    for t in (p.w, p.scale, p.zmin) if t is not None)
 
     # ----------------------------------------------------------------------------- forward
@@ -169,8 +222,9 @@ class AmxExperts(Experts):
         return ExpertsJob(self, x, topk_ids, topk_weights, y)
 
     def extra_repr(self) -> str:
+        numa = "" if self.plan is None else f", numa={self.plan.mode}x{self.plan.n_parts}"
         return (f"{super().extra_repr()}, owned={self.spec.num_owned}/{self.spec.num_experts}, "
-                f"format={self.layer_format}, threads={self.threads}")
+                f"format={self.layer_format}, threads={self.threads}{numa}")
 
 
 def instance(handle: int) -> AmxExperts:

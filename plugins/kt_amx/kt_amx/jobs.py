@@ -5,7 +5,8 @@ An ``ExpertsJob`` is bound once to fixed buffers (static, pinned tensors in a CU
 ``x [T, H]``, ``topk_ids [T, K]``, ``topk_weights [T, K]`` and ``y [T, H]``. For graph capture
 the C functions ``kt_host_submit`` / ``kt_host_wait`` have the ``void (*)(void *)`` signature of
 a CUDA host function; ``host_functions()`` gives their addresses and ``address`` the user data,
-for ``cudaLaunchHostFunc(stream, fn, job)``: ``kt_amx.cuda_host`` enqueues them on a torch stream.
+for ``cudaLaunchHostFunc(stream, fn, job)``: ktcore's ``HostExpertsRunner`` enqueues them on a
+torch stream.
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ class ExpertsJob:
 
     @staticmethod
     def host_functions() -> tuple[int, int]:
-        """Addresses of ``kt_host_submit`` and ``kt_host_wait`` (``void (*)(void *)``)."""
+        """Addresses of ``kt_host_submit`` and ``kt_host_wait`` (``void (*)(void *)``); asking
+        for them means host nodes will run the job, so the workers spin longer from now on."""
+        _lib.spin_for_graphs()
         ffi, lib = _lib.kernels()
         return (int(ffi.cast("uintptr_t", ffi.addressof(lib, "kt_host_submit"))),
                 int(ffi.cast("uintptr_t", ffi.addressof(lib, "kt_host_wait"))))

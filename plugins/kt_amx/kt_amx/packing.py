@@ -319,13 +319,15 @@ def pack_matrix(source: WeightSource, owned: Sequence[int] | None, fmt: LayerFor
     lossy_source = isinstance(source, GGUFWeight) and source.qtype not in ("F32", "F16", "BF16")
     if fmt.format == "bf16":
         packed = pack_bf16(dense)
+        if not lossy_source:
+            return packed, None
         approx = dense.to(torch.bfloat16).float()
     else:
         q = quantize(dense, fmt)
         packed = panel_layout(q, fmt)
+        if not lossy_source:  # dense weights: no error to report, so no dequantising them back
+            return packed, None
         approx = q.dequantize()
-    if not lossy_source:
-        return packed, None
     err = float((approx - dense).norm() / dense.norm().clamp_min(1e-30))
     return packed, err
 

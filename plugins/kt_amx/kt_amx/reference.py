@@ -31,27 +31,32 @@ def round_activations(x: torch.Tensor, fmt, isa: str, group: int) -> torch.Tenso
 
 
 def forward(experts, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, isa: str) -> torch.Tensor:
-    """y [T, H] in x's dtype, computed like ``experts`` (an AmxExperts) on ``isa``."""
+    """y [T, H] in x's dtype, computed like ``experts`` (an AmxExperts) on ``isa``: for a
+    layer split over NUMA nodes, the sum of each part's output (h rounded per part)."""
+    y = sum(_forward_part(experts, w, x, topk_ids, topk_weights, isa) for w in experts.dequantized_parts())
+    return y.to(x.dtype)
+
+
+def _forward_part(experts, w, x, topk_ids, topk_weights, isa: str) -> torch.Tensor:
+    """fp32 y [T, H] of one part: gate/up [n, I_j, H], down [n, H, I_j] (dequantised)."""
     spec, fmt = experts.spec, experts.layer_format
-    w = experts.dequantized()  # gate/up [n, I, H], down [n, H, I] fp32
     act = activation_fn(spec.activation)
     T, K = topk_ids.shape
-    H, I = spec.hidden_size, spec.intermediate_size
+    H, I = spec.hidden_size, w["gate"].shape[1]
     slot_of = torch.full((spec.num_experts + 1,), -1, dtype=torch.long)
     slot_of[list(spec.owned_ids)] = torch.arange(spec.num_owned)
     ids = topk_ids.long().reshape(-1)
     slot = slot_of[ids]  # [P]
     keep = slot >= 0
-    xin = x.float() if x.dtype in (torch.float32, torch.bfloat16) else x.float()
-    xr = round_activations(xin, fmt, isa, fmt.group_for(H))  # [T, H]
+    xr = round_activations(x.float(), fmt, isa, fmt.group_for(H))  # [T, H]
     pairs = torch.nonzero(keep).squeeze(1)
     tok = pairs // K
     s = slot[pairs]
     xs = xr[tok]  # [p, H]
-    g = torch.bmm(w["gate"][s], xs.unsqueeze(-1)).squeeze(-1)  # [p, I]
+    g = torch.bmm(w["gate"][s], xs.unsqueeze(-1)).squeeze(-1)  # [p, I_j]
     u = torch.bmm(w["up"][s], xs.unsqueeze(-1)).squeeze(-1)
     h = round_activations(act(g) * u, fmt, isa, fmt.group_for(I))
     d = torch.bmm(w["down"][s], h.unsqueeze(-1)).squeeze(-1)  # [p, H]
     y = torch.zeros(T, H, dtype=torch.float32)
     y.index_add_(0, tok, d * topk_weights.reshape(-1)[pairs].float().unsqueeze(1))
-    return y.to(x.dtype)
+    return y

@@ -30,7 +30,24 @@ def register(registry) -> None:
             OptionSpec("group_size", int, (0, 32, 64, 128), 128, "int4/int8 group along k; 0 = per output channel (int8)"),
             OptionSpec("symmetric", bool, None, False, "int4 without zero points"),
             OptionSpec("threads", int, None, None, "worker threads (default: physical cores - 1)"),
+            OptionSpec("numa", str, ("split", "mirror", "off"), "split",
+                       "several NUMA nodes: cut I over the nodes, a full copy per node, or ignore them"),
         ),
         probe=probe,
         description="CPU routed experts: AMX tiles, AVX-512 BF16/VNNI or AVX2, picked by CPUID",
+    ))
+    registry.add(BackendSpec(
+        name="amx",
+        op="linear",
+        devices=("cpu",),
+        factory="kt_amx.linear:AmxLinear",
+        formats=("dense", "gguf:*"),  # Q8_0/Q4_0/Q4_K exactly; others only with an explicit format
+        options=(
+            OptionSpec("format", str, ("bf16", "int8", "int4"), "bf16", "packed weight format"),
+            OptionSpec("group_size", int, (0, 32, 64, 128), 128, "int4/int8 group along in_features; 0 = per row (int8)"),
+            OptionSpec("symmetric", bool, None, False, "int4 without zero points"),
+            OptionSpec("threads", int, None, None, "worker threads (default: physical cores - 1)"),
+        ),
+        probe=probe,
+        description="CPU linear layers (lm_head, dense) on the experts' packed formats and kernels",
     ))

@@ -63,14 +63,16 @@ def test_sanitizer_build_runs_clean(tmp_path: Path):
     flags = cpu_flags()
     emulate = not (AMX_FLAGS <= flags)  # on AMX hosts the real tiles run
     so = _build.build_into(tmp_path, sanitize=True, emulate_amx=emulate)
-    proc = subprocess.run(
-        [sys.executable, "-m", "kt_amx.selfcheck"], capture_output=True, text=True, timeout=300,
-        env={**os.environ, "KT_AMX_KERNELS": str(so), "KT_AMX_MIN_ROWS": "1", "KT_AMX_THREADS": "3",
-             "LD_PRELOAD": libasan, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
-             "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"})
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    assert "AddressSanitizer" not in log and "runtime error" not in log, log[-4000:]
-    assert "MISMATCH" not in log and log.count(" ok") >= 30
-    if AVX512_FLAGS <= flags:
-        assert " amx " in log  # the (emulated) tile path ran
+    env = {**os.environ, "KT_AMX_KERNELS": str(so), "KT_AMX_MIN_ROWS": "1", "KT_AMX_THREADS": "3",
+           "LD_PRELOAD": libasan, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
+           "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
+    # plain layers and AmxLinear, then layers split over 3 simulated NUMA nodes
+    for args, extra in (([], {}), (["--numa", "split"], {"KT_AMX_NUMA": "3"})):
+        proc = subprocess.run([sys.executable, "-m", "kt_amx.selfcheck", *args], capture_output=True, text=True,
+                              timeout=300, env={**env, **extra})
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-4000:]
+        assert "AddressSanitizer" not in log and "runtime error" not in log, log[-4000:]
+        assert "MISMATCH" not in log and log.count(" ok") >= 60
+        if AVX512_FLAGS <= flags:
+            assert " amx " in log  # the (emulated) tile path ran
