@@ -68,7 +68,12 @@ class GraphDecodeStep:
             raise KtError(f"CUDA graphs need a CUDA device, got {device}")
         self.decoder = decoder
         # compiled once for this batch and T = 1: captured below, never re-traced at replay
-        forward = torch.compile(decoder, fullgraph=True, dynamic=False) if compile else decoder
+        if compile:
+            from ktcore.runtime.model import compile_decoder
+
+            forward = compile_decoder(decoder)
+        else:
+            forward = decoder
         self.experts = [m for m in decoder.modules() if isinstance(m, ExpertsParts) and m.host_job_parts()]
         for experts in self.experts:  # CPU experts from host nodes, static pinned buffers shared
             if not experts.runners:  # by every batch bucket's graph (sized for the largest)

@@ -112,7 +112,7 @@ class Model:
             forward = self.decoder
             if self.compile:
                 if self._compiled is None:
-                    self._compiled = torch.compile(self.decoder, fullgraph=True, dynamic=False)
+                    self._compiled = compile_decoder(self.decoder)
                 forward = self._compiled
 
             def eager(tokens, positions):
@@ -199,6 +199,16 @@ class Model:
         self.timings.decode_tokens = sum(len(o) - 1 for o in outs)
         self.timings.decode_s = time.perf_counter() - start
         return outs
+
+
+def compile_decoder(decoder):
+    """``torch.compile(fullgraph=True)`` of a decoder for the decode step. Every model's
+    decoder shares ``Decoder.forward``'s code object, whose compilations dynamo counts together,
+    so the recompile limit is raised to let a process hold several models."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(decoder, fullgraph=True, dynamic=False)
 
 
 def _default_rules(arch: str) -> str:

@@ -10,6 +10,8 @@ plain path's logits and tokens, and ``graph_device`` names what keeps a model of
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -46,6 +48,16 @@ default_device: {device}
 rules:
   - match: {module: mlp.experts}
     replace: {op: experts, backend: llamafile, device: cpu}
+""",
+    "split-marlin": """\
+default_device: {device}
+rules:
+  - match: {module: mlp.experts}
+    replace:
+      op: experts
+      split:
+        - {experts: 0%-25%, backend: marlin, device: {device}}
+        - {experts: rest, backend: amx, device: cpu, options: {format: bf16}}
 """,
     "split": """\
 default_device: {device}
@@ -134,7 +146,10 @@ def test_graph_device_names_what_keeps_a_model_off_the_graph(tmp_path):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize(("placement", "compile"), [*((p, False) for p in PLACEMENTS), ("split", True)])
+@pytest.mark.parametrize(("placement", "compile"),
+                         [*((p, False) for p in PLACEMENTS if p != "split-marlin"), ("split", True),
+                          pytest.param("split-marlin", False, marks=pytest.mark.skipif(
+                              importlib.util.find_spec("kt_marlin") is None, reason="kt-marlin is not installed"))])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_captured_decode_with_cpu_experts_gives_the_eager_tokens(arch, placement, compile, tmp_path):
     model = _load(arch, placement, "cuda:0", tmp_path)

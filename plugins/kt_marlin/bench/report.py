@@ -1,4 +1,4 @@
-"""Renders a ``bench_linear.py`` JSON result as a Markdown table.
+"""Renders a ``bench_linear.py`` or ``bench_experts.py`` JSON result as Markdown tables.
 
 Two ceilings, both measured in the same run: ``copy`` (a 1 GiB device-to-device copy, bytes
 read + written per second) and ``stream``, the fastest weight stream any timed kernel
@@ -14,7 +14,35 @@ import json
 import sys
 
 
+def render_experts(r: dict) -> str:
+    """``bench_experts.py``: fused MoE per layer, ms and the fraction of the copy ceiling."""
+    copy = r["hbm_copy"]["GBps"]
+    lines = [f"# kt-marlin fused MoE experts on {r['device']} (torch {r['torch']}, triton {r['triton']})", "",
+             f"Ceiling measured in this run: copy {copy:.0f} GB/s (1 GiB device copy, read + write). Bytes are "
+             "the weights (with scales) of the distinct experts the routing selects, averaged over the "
+             "routings of one graph.", "",
+             "| model | format | T | ms | experts read | GB/s | of copy | BLOCK_M / N / K up / K down |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for row in r.get("experts", []):
+        c = row["config"]
+        lines.append(f"| {row['model']} | {row['format']} | {row['T']} | {row['ms']:.3f} | "
+                     f"{row['experts_touched']:.1f} | {row['GBps']:.0f} | {row['fraction_of_copy']:.2f} | "
+                     f"{c['BLOCK_M']} / {c['BLOCK_N']} / {c['BLOCK_K_UP']} / {c['BLOCK_K_DOWN']} |")
+    sweep = r.get("experts_sweep", [])
+    if sweep:
+        lines += ["", "## Tile sweep (best three per case)", "",
+                  "| case | BLOCK_M / N / K up / K down | ms | of copy |", "| --- | --- | ---: | ---: |"]
+        for case in dict.fromkeys(d["case"] for d in sweep):
+            for d in sorted((d for d in sweep if d["case"] == case), key=lambda d: d["ms"])[:3]:
+                c = d["config"]
+                lines.append(f"| {case} | {c['BLOCK_M']} / {c['BLOCK_N']} / {c['BLOCK_K_UP']} / {c['BLOCK_K_DOWN']} "
+                             f"| {d['ms']:.3f} | {d['fraction_of_copy']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def render(r: dict) -> str:
+    if "experts" in r:
+        return render_experts(r)
     copy = r["hbm_copy"]["GBps"]
     stream = max([copy] + [row["bf16_t1_fraction_of_copy"] * copy for row in r.get("int4", [])])
     lines = [f"# kt-marlin linear and dequant on {r['device']} (torch {r['torch']}, triton {r['triton']})", "",
