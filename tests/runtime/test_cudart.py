@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from ktcore.errors import KtError
 from ktcore.ops.experts import ExpertsSpec, TorchExperts
