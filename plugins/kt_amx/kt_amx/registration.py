@@ -18,6 +18,12 @@ def probe() -> str | None:
     return host.missing_module_reason(EXTENSION, "kt-amx")
 
 
+#: Options the experts and linear backends share (they pack with the same code).
+_FORMAT = OptionSpec("format", str, ("bf16", "int8", "int4"), "bf16", "packed weight format")
+_SYMMETRIC = OptionSpec("symmetric", bool, None, False, "int4 without zero points")
+_THREADS = OptionSpec("threads", int, None, None, "worker threads (default: physical cores - 1)")
+
+
 def register(registry) -> None:
     registry.add(BackendSpec(
         name="amx",
@@ -26,10 +32,10 @@ def register(registry) -> None:
         factory="kt_amx.experts:AmxExperts",
         formats=("dense", "gguf:*"),  # Q8_0/Q4_0/Q4_K exactly; others only with an explicit format
         options=(
-            OptionSpec("format", str, ("bf16", "int8", "int4"), "bf16", "packed weight format"),
+            _FORMAT,
             OptionSpec("group_size", int, (0, 32, 64, 128), 128, "int4/int8 group along k; 0 = per output channel (int8)"),
-            OptionSpec("symmetric", bool, None, False, "int4 without zero points"),
-            OptionSpec("threads", int, None, None, "worker threads (default: physical cores - 1)"),
+            _SYMMETRIC,
+            _THREADS,
             OptionSpec("numa", str, ("split", "mirror", "off"), "split",
                        "several NUMA nodes: cut I over the nodes, a full copy per node, or ignore them"),
         ),
@@ -43,10 +49,10 @@ def register(registry) -> None:
         factory="kt_amx.linear:AmxLinear",
         formats=("dense", "gguf:*"),  # Q8_0/Q4_0/Q4_K exactly; others only with an explicit format
         options=(
-            OptionSpec("format", str, ("bf16", "int8", "int4"), "bf16", "packed weight format"),
+            _FORMAT,
             OptionSpec("group_size", int, (0, 32, 64, 128), 128, "int4/int8 group along in_features; 0 = per row (int8)"),
-            OptionSpec("symmetric", bool, None, False, "int4 without zero points"),
-            OptionSpec("threads", int, None, None, "worker threads (default: physical cores - 1)"),
+            _SYMMETRIC,
+            _THREADS,
         ),
         probe=probe,
         description="CPU linear layers (lm_head, dense) on the experts' packed formats and kernels",

@@ -26,12 +26,11 @@ import torch
 
 from ktcore.errors import BackendError
 from ktcore.ops.experts import Experts, ExpertsSpec
-from ktcore.ops.linear import check_options
 from ktcore.ops.weights import DenseWeight, GGUFWeight, WeightSource
 
 from kt_marlin import fused_moe as _fused_moe  # noqa: F401  (registers torch.ops.kt_marlin.fused_experts)
 from kt_marlin import packing
-from kt_marlin.linear import FORMATS, GROUP_SIZES, _dense_on
+from kt_marlin.linear import BITS, _dense_on, weight_format
 
 logger = logging.getLogger(__name__)
 
@@ -74,17 +73,11 @@ class MarlinExperts(Experts):
     def __init__(self, spec: ExpertsSpec, device: str | torch.device = "cuda", options: Mapping[str, Any] | None = None):
         super().__init__(spec, device, options)
         name = type(self).__name__
-        check_options(name, self.options, self.option_names)
-        self.format = self.options.get("format", "bf16")
-        if self.format not in FORMATS:
-            raise BackendError(f"{name}: option format={self.format!r} is not one of {', '.join(FORMATS)}")
-        self.group_size = int(self.options.get("group_size", 128))
-        if self.group_size not in GROUP_SIZES:
-            raise BackendError(f"{name}: option group_size={self.group_size!r} is not one of {GROUP_SIZES}")
+        self.format, self.group_size = weight_format(name, self.options, self.option_names)
         if self.format != "bf16" and (spec.hidden_size % 32 or spec.intermediate_size % 32):
             raise BackendError(f"{name}: format {self.format} needs hidden and intermediate sizes that are "
                                f"multiples of 32, got {spec.hidden_size} and {spec.intermediate_size}")
-        self.bits = {"bf16": 16, "int8": 8, "int4": 4}[self.format]
+        self.bits = BITS[self.format]
         self.group = {"w13": self.group_size, "w2": self.group_size}
         self.exact = False
         slot_of = torch.full((spec.num_experts + 1,), -1, dtype=torch.int32)  # [E + 1], entry E = padding id

@@ -35,6 +35,19 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("bf16", "int8", "int4")
 GROUP_SIZES = (32, 64, 128)
+BITS = {"bf16": 16, "int8": 8, "int4": 4}
+
+
+def weight_format(name: str, options: Mapping[str, Any], option_names: tuple[str, ...]) -> tuple[str, int]:
+    """``(format, group_size)`` from a kt-marlin operator's options, checked (BackendError)."""
+    check_options(name, options, option_names)
+    fmt = options.get("format", "bf16")
+    if fmt not in FORMATS:
+        raise BackendError(f"{name}: option format={fmt!r} is not one of {', '.join(FORMATS)}")
+    group_size = int(options.get("group_size", 128))
+    if group_size not in GROUP_SIZES:
+        raise BackendError(f"{name}: option group_size={group_size!r} is not one of {GROUP_SIZES}")
+    return fmt, group_size
 
 
 def _dense_on(source: WeightSource, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -54,16 +67,10 @@ class MarlinLinear(Linear):
     def __init__(self, spec: LinearSpec, device: str | torch.device = "cuda", options: Mapping[str, Any] | None = None):
         super().__init__(spec, device, options)
         name = type(self).__name__
-        check_options(name, self.options, self.option_names)
-        self.format = self.options.get("format", "bf16")
-        if self.format not in FORMATS:
-            raise BackendError(f"{name}: option format={self.format!r} is not one of {', '.join(FORMATS)}")
-        self.group_size = int(self.options.get("group_size", 128))
-        if self.group_size not in GROUP_SIZES:
-            raise BackendError(f"{name}: option group_size={self.group_size!r} is not one of {GROUP_SIZES}")
+        self.format, self.group_size = weight_format(name, self.options, self.option_names)
         if self.format != "bf16" and spec.in_features % 32:
             raise BackendError(f"{name}: in_features {spec.in_features} is not a multiple of 32")
-        self.bits = {"bf16": 16, "int8": 8, "int4": 4}[self.format]
+        self.bits = BITS[self.format]
         self.group = self.group_size
         self.exact = False
         for buf in ("weight", "qweight", "scales", "offsets", "bias"):
