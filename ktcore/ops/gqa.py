@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ktcore.ops.base import Operator
 from ktcore.ops.linear import LinearSpec, TorchLinear, check_options, dense_dtype, dtype_option
@@ -178,6 +179,9 @@ class GQAAttention(Operator):
         if spec.qk_norm:
             self.q_norm = RMSNorm(D, spec.rms_norm_eps, device=self.device)
             self.k_norm = RMSNorm(D, spec.rms_norm_eps, device=self.device)
+        # q/k/v weights (and biases) as one tensor: see _fuse_qkv; not in state_dict()
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype = torch.bfloat16) -> KVCache:
         return KVCache.for_spec(self.spec, batch, max_len, dtype, self.device)
@@ -185,7 +189,26 @@ class GQAAttention(Operator):
     def pack(self, sources: Mapping[str, WeightSource]) -> None:
         dtype = self.dtype_request or dense_dtype(sources.values())
         load_submodule_weights(self, sources, dtype)
+        self._fuse_qkv()
         logger.debug("%s packed %s as %s on %s", type(self).__name__, self.spec, dtype, self.device)
+
+    def _fuse_qkv(self) -> None:
+        """Stacks the q/k/v weights into one ``[(nH + 2 nKV) D, H]`` tensor and makes the three
+        projections' weights views of it: one matmul (one launch, one pass over x) instead of
+        three, the same memory, and ``state_dict()`` keeps transformers' names."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if not all(type(p) is TorchLinear for p in projs) or len({(p.weight.dtype, p.weight.device) for p in projs}) != 1:
+            return  # projections replaced by other backends run one by one
+        self.qkv_weight = torch.cat([p.weight for p in projs])  # [(nH + 2 nKV) D, H]
+        if self.spec.qkv_bias:
+            self.qkv_bias = torch.cat([p.bias for p in projs])  # [(nH + 2 nKV) D]
+        start = 0
+        for p in projs:
+            rows = p.weight.shape[0]
+            p.weight = self.qkv_weight[start:start + rows]
+            if self.spec.qkv_bias:
+                p.bias = self.qkv_bias[start:start + rows]
+            start += rows
 
     def forward(
         self,
@@ -200,9 +223,15 @@ class GQAAttention(Operator):
         s = self.spec
         B, T, _ = x.shape
         nKV, G, D = s.num_kv_heads, s.num_heads // s.num_kv_heads, s.head_dim
-        q = self.q_proj(x).view(B, T, s.num_heads, D)  # q: [B, T, nH, D]
-        k = self.k_proj(x).view(B, T, nKV, D)  # k: [B, T, nKV, D]
-        v = self.v_proj(x).view(B, T, nKV, D)  # v: [B, T, nKV, D]
+        w = self.qkv_weight  # [(nH + 2 nKV) D, H]
+        if w is not None:
+            qkv = F.linear(x.to(w.dtype), w, self.qkv_bias).to(x.dtype)  # [B, T, (nH + 2 nKV) D]
+            q, k, v = qkv.split((s.num_heads * D, nKV * D, nKV * D), dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, T, s.num_heads, D)  # q: [B, T, nH, D]
+        k = k.reshape(B, T, nKV, D)  # k: [B, T, nKV, D]
+        v = v.reshape(B, T, nKV, D)  # v: [B, T, nKV, D]
         if s.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q, k, positions)

@@ -46,7 +46,7 @@ class BenchCase:
     experts_per_token: tuple[int, ...] = ()
     kl_tokens: int = 128
     seed: int = 0
-    compile: bool = False  # compile the captured step (measured slower with CPU experts: docs/decisions.md)
+    compile: bool = True  # the captured step compiled (faster: bench/results/README.md, session 3)
 
     def __post_init__(self) -> None:
         if not self.prompt_lengths or min(self.prompt_lengths) < 1:

@@ -17,6 +17,7 @@ import torch
 
 from ktcore.errors import KtError
 from ktcore.runtime.sampling import SamplingParams, sample
+from ktcore.runtime.token_pipe import TokenPipe
 
 log = logging.getLogger(__name__)
 
@@ -181,23 +182,30 @@ class Model:
         outs = [[t] for t in tokens.tolist()]
         self.timings.prefill_s = time.perf_counter() - start
         start = time.perf_counter()
-        positions = torch.tensor([p.numel() for p in prompts] + [0] * (batch - n))  # [batch]; spare rows idle
+        device = tokens.device
+        positions = torch.tensor([p.numel() for p in prompts] + [0] * (batch - n), device=device)  # [batch]; spare rows idle
         tokens = torch.cat([tokens, tokens.new_zeros(batch - n)])  # [batch]
-
-        def running() -> bool:
-            return any(len(o) < max_new_tokens and o[-1] not in stop for o in outs)
-
-        while running():
-            logits = step(tokens, positions)  # [batch, V]
-            tokens = sample(logits, params, generator)  # [batch]
-            for out, token in zip(outs, tokens[:n].tolist()):
-                if len(out) < max_new_tokens and out[-1] not in stop:
-                    out.append(token)
-            positions[:n] += 1
-        if batch in self.graph_steps and step == self.graph_steps[batch].step:
-            self.graph_steps[batch].check_cpu_experts()
+        done = [len(o) >= max_new_tokens or o[-1] in stop for o in outs]
+        pipe = TokenPipe(batch, device)
+        steps = max_new_tokens - 1  # each step gives every row a token; the first came from prefill
+        while not all(done):
+            if steps and len(pipe) < 2:  # step i + 1 is queued before the tokens of step i are read
+                logits = step(tokens, positions)  # [batch, V]
+                tokens = sample(logits, params, generator)  # [batch]
+                positions[:n] += 1
+                pipe.push(tokens)
+                steps -= 1
+                continue
+            for i, token in enumerate(pipe.pop()[:n]):
+                if not done[i]:
+                    outs[i].append(token)
+                    done[i] = len(outs[i]) >= max_new_tokens or token in stop
         self.timings.decode_tokens = sum(len(o) - 1 for o in outs)
         self.timings.decode_s = time.perf_counter() - start
+        if pipe.on_cuda:  # a step thrown away after a stop token may still run
+            torch.cuda.current_stream(device).synchronize()
+        if batch in self.graph_steps and step == self.graph_steps[batch].step:
+            self.graph_steps[batch].check_cpu_experts()
         return outs
 
 
