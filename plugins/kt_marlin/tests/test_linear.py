@@ -179,3 +179,53 @@ def test_compile_fullgraph_and_opcheck(device, random_blocks):
     assert torch.equal(compiled(raw), dequantize(raw, "Q4_0", (n, k)) * 2)
     torch.library.opcheck(torch.ops.kt_marlin.wq_matmul.default, (x, op.qweight, op.scales, op.offsets, None, 4, 32))
     torch.library.opcheck(torch.ops.kt_marlin.dequantize.default, (raw, "Q4_0", [n, k], 0))
+
+
+@pytest.mark.parametrize("group", [32, 128])
+@pytest.mark.parametrize("path,t", [("fma", 1), ("fma", 3), ("dot", 5)])
+def test_int4_kernel_paths_and_split_k(group, path, t, device):
+    """The int4 kernel's fma and dot paths, without and with split-K (the last program of a
+    tile adds the partials in a fixed order, bias included): equal up to fp32 reordering, and
+    a split result repeats bit for bit."""
+    from kt_marlin.packing import quantize_dense, unpack
+
+    n, k = 21, 1024
+    gen = torch.Generator().manual_seed(group + t)
+    p = quantize_dense(torch.randn(n, k, generator=gen), 4, group)
+    qw, s, o = (v.to(device) for v in (p.qweight, p.scales, p.offsets))
+    bias = torch.randn(n, generator=gen).to(device)
+    x = torch.randn(t, k, generator=gen).to(device)
+    ref = _reference(unpack(p), bias.cpu(), x.cpu())
+    bt = 16 if path == "dot" else 4
+    base = dict(path=path, BLOCK_T=bt, BLOCK_N=16, BLOCK_K=256, num_warps=4)
+    ys = [launch(x, qw, s, o, bias, 4, group, dict(base, SPLIT_K=split)).cpu() for split in (1, 3, 4)]
+    for y in ys:
+        _close(y, ref, torch.float32)
+    again = launch(x, qw, s, o, bias, 4, group, dict(base, SPLIT_K=3)).cpu()
+    assert torch.equal(again, ys[1])
+
+
+def test_config_table_resolves():
+    """Every table entry resolves for the shapes of each class (BLOCK_K divides K, a dot only
+    where its K slice has 16 columns) and a sweep JSON updates the table."""
+    import json
+    import tempfile
+
+    from kt_marlin import wq_matmul as W
+
+    cpu = torch.device("cpu")
+    for n, k in [(576, 7168), (7168, 2048), (32768, 512), (24, 96), (19, 384)]:
+        for t in (1, 2, 4, 9, 16, 40, 300):
+            for group in (32, 64, 128):
+                if k % group:
+                    continue
+                cfg = W.choose_config(t, n, k, 4, group, cpu)
+                assert k % cfg["BLOCK_K"] == 0 and cfg["BLOCK_K"] % group == 0
+                assert cfg["path"] in ("fma", "dot") and cfg["SPLIT_K"] >= 1
+                if cfg["path"] == "dot":
+                    assert cfg["BLOCK_T"] >= 16 and (group == 128 or cfg["BLOCK_K"] >= 128)
+    entry = dict(W.DEFAULT_TABLE["n<=2k,k>2k|1"], BLOCK_N=64, WAVES=8)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump({"table": {"n<=2k,k>2k|1": entry}}, f)
+    table = W.load_table(f.name)
+    assert table["n<=2k,k>2k|1"]["BLOCK_N"] == 64 and table["n>8k,k>2k|1"] == W.DEFAULT_TABLE["n>8k,k>2k|1"]
