@@ -28,6 +28,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--experts-per-token", type=int,
                         help="routed experts per token, fewer than the config's for speed (weights renormalised as configured)")
     parser.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile(fullgraph=True)")
+    parser.add_argument("--stream-min-tokens", type=int, metavar="N",
+                        help="prefill chunks of at least N tokens stream the CPU experts' weights to the GPU and "
+                             "compute there (0: never; default 128)")
     parser.add_argument("--json", action="store_true", help="print text, token ids, prompt length and timings as JSON")
     parser.set_defaults(func=run)
 
@@ -43,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
         model_path = default_model_dir()
     model = ktcore.load(model_path, gguf=args.gguf, rules=args.rules, dtype=args.dtype,
                         max_seq_len=args.max_seq_len, progress=not args.json,
-                        experts_per_token=args.experts_per_token, compile=args.compile)
+                        experts_per_token=args.experts_per_token, compile=args.compile,
+                        **({} if args.stream_min_tokens is None else {"stream_min_tokens": args.stream_min_tokens}))
     if model.tokenizer is None:
         raise KtError(f"{model_path or args.gguf}: no tokenizer, so the prompt cannot be encoded")
     prompt_ids = model.tokenizer.encode(args.prompt, add_special_tokens=False)

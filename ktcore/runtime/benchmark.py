@@ -3,7 +3,9 @@
 One case loads a synthetic model (real config shape, deterministic random weights, the real
 loading code and rule file) and measures:
 
-- prefill tokens/s for each prompt length (chunked as the runtime prefills);
+- prefill tokens/s for each prompt length (chunked as the runtime prefills), with the CPU
+  experts computing on the CPU and, where the model has CPU experts that can stream to its
+  GPU (ktcore.runtime.streamed_experts), with them streamed; ``prefill`` is the faster;
 - decode tokens/s eager and with the captured CUDA graph (when the model allows one), and the
   graph's speedup;
 - decode as a fraction of the CPU-bandwidth roofline: the bytes of CPU expert weights a token
@@ -83,7 +85,10 @@ class Result:
     case: dict
     host: dict
     load_s: float = 0.0
-    prefill: dict = field(default_factory=dict)  # str(length) -> tokens/s
+    prefill: dict = field(default_factory=dict)  # str(length) -> tokens/s, the faster of the two below
+    prefill_cpu: dict = field(default_factory=dict)  # str(length) -> tokens/s, CPU experts on the CPU
+    prefill_streamed: dict = field(default_factory=dict)  # str(length) -> tokens/s, streamed to the GPU
+    streaming_unavailable: str | None = None  # why prefill_streamed is empty
     decode: dict = field(default_factory=dict)
     selective: list = field(default_factory=list)
     peer: dict | None = None
@@ -140,6 +145,28 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def why_no_streaming(model) -> str | None:
+    """Why the model's prefill cannot stream CPU experts to a GPU, or None when it can."""
+    from ktcore.runtime.blocks import ExpertsParts, MoEBlock, device_of
+
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    for block in model.decoder.modules():
+        if isinstance(block, MoEBlock) and isinstance(block.experts, ExpertsParts):
+            if device_of(block.gate).type == "cuda" and any(
+                    block.experts.streamed(i) is not None for i in range(len(block.experts.parts))):
+                return None
+    return "no CPU experts that stream, in a layer on a GPU"
+
+
+def _prefill_rate(model, ids: torch.Tensor) -> float:
+    best = float("inf")
+    for _ in range(2):  # the first run also sizes workspaces, caching allocators and page-locks
+        model.generate(ids, 1, stop_ids=[])
+        best = min(best, model.timings.prefill_s)
+    return ids.numel() / best
+
+
 def _decode_rate(model, prompt, tokens: int, use_graph: bool) -> float:
     model.generate(prompt, 4, stop_ids=[], use_graph=use_graph)  # warm-up (and capture)
     model.generate(prompt, tokens, stop_ids=[], use_graph=use_graph)
@@ -152,6 +179,7 @@ def run_case(case: BenchCase, bandwidth: float | None = None) -> Result:
     from ktcore.models.synth import SyntheticWeights
     from ktcore.runtime.cuda_graph import graph_device
     from ktcore.runtime.quality import experts_per_token_kl
+    from ktcore.runtime.streamed_experts import DEFAULT_MIN_TOKENS as DEFAULT_STREAM_MIN_TOKENS
 
     result = Result(case=asdict(case), host=host_info())
     config = make_config(case.arch, case.preset, layers=case.layers)
@@ -168,14 +196,19 @@ def run_case(case: BenchCase, bandwidth: float | None = None) -> Result:
     log.info("%s: loaded in %.1f s", case.name, result.load_s)
     gen = torch.Generator().manual_seed(case.seed)
     vocab = config.vocab_size
+    result.streaming_unavailable = why_no_streaming(model)
     for length in case.prompt_lengths:
+        key = str(length)
         ids = torch.randint(3, vocab, (length,), generator=gen)
-        best = float("inf")
-        for _ in range(2):  # the first run also sizes workspaces and caching allocators
-            model.generate(ids, 1, stop_ids=[])
-            best = min(best, model.timings.prefill_s)
-        result.prefill[str(length)] = length / best
-        log.info("%s: prefill %d tokens: %.1f tokens/s", case.name, length, result.prefill[str(length)])
+        model.set_stream_min_tokens(0)
+        result.prefill_cpu[key] = _prefill_rate(model, ids)
+        if result.streaming_unavailable is None:
+            model.set_stream_min_tokens(1)  # every prefill chunk streams
+            result.prefill_streamed[key] = _prefill_rate(model, ids)
+        result.prefill[key] = max(result.prefill_cpu[key], result.prefill_streamed.get(key, 0.0))
+        log.info("%s: prefill %d tokens: %.1f tokens/s CPU experts, %s streamed", case.name, length,
+                 result.prefill_cpu[key], result.prefill_streamed.get(key, "-"))
+    model.set_stream_min_tokens(DEFAULT_STREAM_MIN_TOKENS)
     prompt = torch.randint(3, vocab, (DECODE_PROMPT,), generator=gen)
     bandwidth = bandwidth or host_read_bandwidth()
     model.compile = False  # eager: the plain decoder, as a model runs without graphs
@@ -207,15 +240,21 @@ def run_case(case: BenchCase, bandwidth: float | None = None) -> Result:
 
 def markdown(results: list[Result]) -> str:
     """A table of the figures, with the peer's beside them where known."""
-    lines = ["| case | prefill tok/s | decode eager tok/s | decode graph tok/s | graph speedup | roofline fraction |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| case | prefill tok/s | prefill CPU experts tok/s | prefill streamed tok/s | decode eager tok/s "
+             "| decode graph tok/s | graph speedup | roofline fraction |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        pre = ", ".join(f"{k}: {v:.0f}" for k, v in r.prefill.items())
+        def rates(figures: dict) -> str:
+            return ", ".join(f"{k}: {v:.0f}" for k, v in figures.items()) or "-"
+
         d = r.decode
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        lines.append(f"| {r.case['name']} | {pre} | {d['eager_tokens_per_s']:.1f} | {fmt(d['graph_tokens_per_s'], '.1f')} "
+        lines.append(f"| {r.case['name']} | {rates(r.prefill)} | {rates(r.prefill_cpu)} | {rates(r.prefill_streamed)} "
+                     f"| {d['eager_tokens_per_s']:.1f} | {fmt(d['graph_tokens_per_s'], '.1f')} "
                      f"| {fmt(d['graph_speedup'], '.2f')} | {fmt(d['roofline_fraction'], '.2f')} |")
     for r in results:
+        if r.streaming_unavailable:
+            lines.append(f"\n{r.case['name']}: prefill not streamed ({r.streaming_unavailable})")
         for s in r.selective:
             lines.append(f"\n{r.case['name']}: {s['experts_per_token']} of {s['of']} experts per token: "
                          f"{s['decode_tokens_per_s']:.1f} tok/s ({s['speedup']:.2f}x), mean KL {s['mean_kl_nats']:.4f} nats")

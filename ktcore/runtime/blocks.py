@@ -9,6 +9,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ktcore.ops.experts import must_be_capture_safe
+
 
 def device_of(module: nn.Module) -> torch.device:
     """The device of an operator (``.device``) or of a module's first tensor."""
@@ -32,12 +34,24 @@ class ExpertsParts(nn.Module):
     inputs through pinned buffers and host nodes: ``begin`` submits them first, computes the
     parts on GPUs meanwhile, and the returned ``finish`` waits for the CPU and adds up. Batches
     larger than the runners' ``max_tokens`` (prefill chunks) take the plain path.
+
+    Batches of at least ``stream_min_tokens`` tokens (0 or None: never) on a device of
+    ``stream_device_types`` run each CPU part that offers the streaming protocol on that
+    device instead, its weights copied there chunk by chunk (ktcore.runtime.streamed_experts);
+    ``stream_pools`` (device -> StreamPool) is shared by a model's layers.
     """
+
+    stream_device_types: tuple[str, ...] = ("cuda",)  # tests add "cpu"
 
     def __init__(self, parts: list[nn.Module]):
         super().__init__()
+        from ktcore.runtime.streamed_experts import DEFAULT_MIN_TOKENS
+
         self.parts = nn.ModuleList(parts)
         self.runners: dict[int, object] = {}  # index of a CPU part -> HostExpertsRunner
+        self.stream_min_tokens: int | None = DEFAULT_MIN_TOKENS
+        self.stream_pools: dict | None = None  # torch.device -> StreamPool, shared by the model's layers
+        self._streamed: dict[int, object] = {}  # index of a CPU part -> StreamedPart, or None: cannot stream
 
     def host_job_parts(self) -> list[int]:
         """Indices of the CPU parts that can run inside a CUDA graph."""
@@ -57,6 +71,32 @@ class ExpertsParts(nn.Module):
     def detach_host_runners(self) -> None:
         self.runners = {}
 
+    def streamed(self, i: int):
+        """The StreamedPart of CPU part ``i`` (made on first use), or None."""
+        if i not in self._streamed:
+            from ktcore.runtime.streamed_experts import streamed_part
+
+            part = self.parts[i]
+            self._streamed[i] = streamed_part(part) if part.device.type == "cpu" else None
+        return self._streamed[i]
+
+    def _streaming(self, x: torch.Tensor) -> dict[int, object]:
+        """Index -> StreamedPart of the CPU parts this batch runs on x's device."""
+        n = self.stream_min_tokens
+        if not n or x.shape[0] < n or x.device.type not in self.stream_device_types or must_be_capture_safe():
+            return {}  # streaming syncs with the host: never inside a capture or torch.compile
+        out = {i: self.streamed(i) for i, part in enumerate(self.parts) if part.device.type == "cpu"}
+        return {i: s for i, s in out.items() if s is not None}
+
+    def _stream_pool(self, device: torch.device):
+        from ktcore.runtime.stream_pool import StreamPool
+
+        if self.stream_pools is None:
+            self.stream_pools = {}
+        if device not in self.stream_pools:
+            self.stream_pools[device] = StreamPool(device)
+        return self.stream_pools[device]
+
     def _use_runners(self, x: torch.Tensor) -> bool:
         runner = next(iter(self.runners.values()), None)
         return runner is not None and x.device == runner.device and x.shape[0] <= runner.max_tokens
@@ -70,9 +110,15 @@ class ExpertsParts(nn.Module):
         if via_host:
             tickets = [(torch.ops.ktcore.host_experts_submit(x, topk_ids, topk_weights, r.handle), r.handle)
                        for r in self.runners.values()]
+        streaming = {} if via_host else self._streaming(x)
         out = None
         for i, part in enumerate(self.parts):
             if via_host and i in self.runners:
+                continue
+            if i in streaming:  # on x's device, the weights copied there
+                y = streaming[i].forward(x, topk_ids.to(x.device), topk_weights.to(x.device),
+                                         self._stream_pool(x.device))
+                out = y if out is None else out + y
                 continue
             dev = part.device
             y = part(x.to(dev), topk_ids.to(dev), topk_weights.to(dev)).to(x.device)

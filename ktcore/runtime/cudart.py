@@ -28,6 +28,8 @@ import torch
 from ktcore.errors import BackendError
 
 _CUDA_MEMCPY_DEFAULT = 4  # cudaMemcpyDefault (unified addressing)
+_HOST_REGISTER_DEFAULT = 0
+_HOST_REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: pages the process may not write (mmap'd files)
 
 
 class CudartNotFound(BackendError):
@@ -123,6 +125,25 @@ class Cudart:
                        "cudaMemcpyAsync")
 
 
+    def host_register(self, ptr: int, nbytes: int, flags: int) -> int:
+        """``cudaHostRegister``; returns the error code (0: page-locked), clearing the error."""
+        lib = self.lib
+        lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+        lib.cudaHostRegister.restype = ctypes.c_int
+        err = lib.cudaHostRegister(ctypes.c_void_p(ptr), nbytes, flags)
+        if err:
+            lib.cudaGetLastError()
+        return err
+
+    def host_unregister(self, ptr: int) -> int:
+        self.lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
+        self.lib.cudaHostUnregister.restype = ctypes.c_int
+        err = self.lib.cudaHostUnregister(ctypes.c_void_p(ptr))
+        if err:
+            self.lib.cudaGetLastError()
+        return err
+
+
 def load_cudart(candidates: list[str] | None = None) -> Cudart:
     """Loads the first candidate that has ``cudaLaunchHostFunc``; CudartNotFound if none."""
     tried = []
@@ -169,3 +190,35 @@ def enqueue_host_func(fn: int, user_data: int, stream: torch.cuda.Stream | int |
     ``stream`` (default: current): it runs on a CUDA runtime thread once the work before it on
     the stream is done, and the stream does not go past it until it returns."""
     cudart().launch_host_func(stream_handle(stream), fn, user_data)
+
+
+# ------------------------------------------------------------------------ page-locked memory
+
+
+def host_register(tensor: torch.Tensor) -> bool:
+    """Page-locks a contiguous host tensor's bytes in place (``cudaHostRegister``, read-only
+    pages too), so copies from it to a GPU are asynchronous DMA. False where it cannot (no
+    CUDA, a read-only mapping the driver refuses, the locked-memory limit, already
+    registered): then copy through a pinned staging buffer. Undo with ``host_unregister_ptr``
+    before the memory is freed."""
+    if not torch.cuda.is_available() or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return False
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return False
+    try:
+        lib = cudart()
+    except CudartNotFound:
+        return False
+    for flags in (_HOST_REGISTER_DEFAULT, _HOST_REGISTER_READ_ONLY):
+        if lib.host_register(tensor.data_ptr(), nbytes, flags) == 0:
+            return True
+    return False
+
+
+def host_unregister_ptr(ptr: int) -> None:
+    """Undoes ``host_register`` of the tensor whose bytes start at ``ptr`` (errors ignored)."""
+    try:
+        cudart().host_unregister(ptr)
+    except (CudartNotFound, OSError):
+        pass

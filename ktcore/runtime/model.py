@@ -17,6 +17,7 @@ import torch
 
 from ktcore.errors import KtError
 from ktcore.runtime.sampling import SamplingParams, sample
+from ktcore.runtime.streamed_experts import DEFAULT_MIN_TOKENS as DEFAULT_STREAM_MIN_TOKENS
 from ktcore.runtime.token_pipe import TokenPipe
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,20 @@ class Model:
             router.set_active_top_k(n)
         self.release_graph()
 
+    def set_stream_min_tokens(self, n: int | None) -> None:
+        """Prefill batches of at least ``n`` tokens on a GPU run the CPU experts that can stream
+        there, their weights copied over PCIe chunk by chunk (0 or None: never); see
+        ktcore.runtime.streamed_experts. The layers share one StreamPool per device."""
+        from ktcore.runtime.blocks import ExpertsParts
+
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise KtError(f"stream_min_tokens must be a non-negative int or None, got {n!r}")
+        layers = [m for m in self.decoder.modules() if isinstance(m, ExpertsParts)]
+        pools = next((m.stream_pools for m in layers if m.stream_pools is not None), {})
+        for layer in layers:
+            layer.stream_min_tokens = n
+            layer.stream_pools = pools
+
     def release_graph(self) -> None:
         """Drops the captured decode graphs (and the host runners they share)."""
         for step in self.graph_steps.values():
@@ -226,13 +241,16 @@ def _default_rules(arch: str) -> str:
 def load(model: str | Path | None = None, gguf: str | Path | None = None, rules: str | Path | None = None,
          dtype: str | torch.dtype | None = None, max_seq_len: int | None = None, registry=None,
          progress: bool = False, store=None, config=None, tokenizer=None,
-         experts_per_token: int | None = None, compile: bool = False, max_batch: int = 1) -> Model:
+         experts_per_token: int | None = None, compile: bool = False, max_batch: int = 1,
+         stream_min_tokens: int | None = DEFAULT_STREAM_MIN_TOKENS) -> Model:
     """Loads a model; see the module docstring. ``store``/``config``/``tokenizer`` let callers
     pass weights already in memory (synthetic models, a transformers model's state).
     ``experts_per_token`` runs fewer routed experts per token than the config (see
     ``Model.set_experts_per_token``). ``compile``: the decode step is compiled with
     ``torch.compile(fullgraph=True)`` (and then captured, where a CUDA graph is used).
-    ``max_batch``: sequences ``generate_batch`` runs together (one cache row each)."""
+    ``max_batch``: sequences ``generate_batch`` runs together (one cache row each).
+    ``stream_min_tokens``: prefill chunks of at least this many tokens run streamable CPU
+    experts on the GPU (0 or None: never; see ``Model.set_stream_min_tokens``)."""
     from ktcore.backends.registry import Registry
     from ktcore.rules.placement import ModelInventory, check_rules
     from ktcore.rules.shipped import resolve_rule_path
@@ -276,6 +294,7 @@ def load(model: str | Path | None = None, gguf: str | Path | None = None, rules:
     model = Model(decoder, config, tokenizer, plan, compile=compile)
     if experts_per_token is not None:
         model.set_experts_per_token(experts_per_token)
+    model.set_stream_min_tokens(stream_min_tokens)
     return model
 
 

@@ -31,6 +31,8 @@ TINY = BenchCase("tiny", "qwen3_moe", "tiny", None, CPU_RULES, dtype="fp32", pro
 def test_run_case_reports_every_figure():
     result = run_case(TINY, bandwidth=20e9)
     assert set(result.prefill) == {"20", "40"} and all(v > 0 for v in result.prefill.values())
+    assert result.prefill == result.prefill_cpu and result.prefill_streamed == {}
+    assert result.streaming_unavailable  # a CPU-only model (and host)
     d = result.decode
     assert d["eager_tokens_per_s"] > 0 and d["graph_tokens_per_s"] is None
     assert "embed_tokens on cpu" in d["graph_unavailable"]
@@ -38,7 +40,20 @@ def test_run_case_reports_every_figure():
     (sel,) = result.selective
     assert sel["experts_per_token"] == 2 and sel["of"] == 4 and sel["mean_kl_nats"] > 0
     table = markdown([result])
-    assert "| tiny |" in table and "2 of 4 experts per token" in table
+    assert "| tiny |" in table and "2 of 4 experts per token" in table and "prefill not streamed" in table
+
+
+def test_prefill_with_and_without_streaming(monkeypatch):
+    """Where the CPU experts can stream, both prefill figures are measured and the faster is
+    reported (here the stream's target is the CPU itself, as in test_streamed_experts)."""
+    monkeypatch.setattr(ExpertsParts, "stream_device_types", ("cpu",))
+    monkeypatch.setattr(benchmark, "why_no_streaming", lambda model: None)
+    result = run_case(TINY, bandwidth=20e9)
+    assert set(result.prefill_cpu) == set(result.prefill_streamed) == {"20", "40"}
+    for k, v in result.prefill.items():
+        assert v == max(result.prefill_cpu[k], result.prefill_streamed[k]) > 0
+    assert result.streaming_unavailable is None
+    assert "prefill not streamed" not in markdown([result])
 
 
 def test_roofline_bytes_are_the_cpu_experts_packed_bytes(tmp_path):

@@ -178,6 +178,36 @@ class AmxExperts(Experts):
         return sum(t.numel() * t.element_size() for part in self.parts for p in part.values()
                    for t in (p.w, p.scale, p.zmin) if t is not None)
 
+    # ------------------------------------------------------- streaming (ktcore.runtime.streamed_experts)
+
+    def stream_tensors(self) -> dict[str, torch.Tensor] | None:
+        """The packed matrices, ``{"gate.w", "gate.scale", "gate.zmin", ...}`` (those present),
+        each ``[S, ...]`` over the owned experts; None for a layer split over NUMA nodes (its
+        parts cut I, so no tensor holds whole experts)."""
+        if not self.parts:
+            return None
+        if self.plan is not None and self.plan.mode == "split":
+            logger.debug("%s: no streaming, the layer is split over %d NUMA nodes", type(self).__name__,
+                         self.plan.n_parts)
+            return None
+        packed = self.parts[0]  # mirror: every node holds the same bytes
+        return {f"{name}.{field}": t for name, p in packed.items()
+                for field, t in (("w", p.w), ("scale", p.scale), ("zmin", p.zmin)) if t is not None}
+
+    def stream_expert_ids(self) -> torch.Tensor:
+        return torch.tensor(self.spec.owned_ids, dtype=torch.int64)
+
+    def stream_dense(self, chunk: Mapping[str, torch.Tensor], dtype: torch.dtype):
+        """gate, up ``[n, I, H]`` and down ``[n, H, I]`` in ``dtype`` on the chunk's device: the
+        packed values the kernels compute with (kt_amx.packing.unpack)."""
+        out = []
+        for name in ("gate", "up", "down"):
+            shape = self.parts[0][name]
+            p = PackedMatrix(chunk[f"{name}.w"], chunk.get(f"{name}.scale"), chunk.get(f"{name}.zmin"),
+                             shape.n, shape.k)
+            out.append(unpack(p, self.layer_format, dtype))
+        return tuple(out)
+
     # ----------------------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:

@@ -80,14 +80,16 @@ class Quantized:
     def group(self) -> int:
         return self.u.shape[-1] // self.s.shape[-1]
 
-    def dequantize(self) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``[S, n, k]`` in ``dtype``, on the codes' device: the arithmetic is fp32 (exact for
+        the codes and scales, one rounding to ``dtype`` at the end)."""
         S, n, k = self.u.shape
         G = self.group
         u = self.u.view(S, n, k // G, G).float()
-        value = self.s.float().unsqueeze(-1) * (u - self.zero)
+        value = u.sub_(self.zero).mul_(self.s.float().unsqueeze(-1))  # u is a fresh fp32 copy
         if self.m is not None:
-            value = value + self.m.float().unsqueeze(-1)
-        return value.reshape(S, n, k)
+            value = value.add_(self.m.float().unsqueeze(-1))
+        return value.reshape(S, n, k).to(dtype)
 
 
 # ----------------------------------------------------------------------------- quantising
@@ -238,11 +240,13 @@ def pack_bf16(w: torch.Tensor) -> PackedMatrix:
     return PackedMatrix(panels.contiguous().reshape(S, -1), None, None, n, k)
 
 
-def unpack(p: PackedMatrix, fmt: LayerFormat) -> torch.Tensor:
-    """The packed values as fp32 ``[S, n, k]`` (inverse of the layouts; used by tests)."""
+def unpack(p: PackedMatrix, fmt: LayerFormat, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The packed values as ``[S, n, k]`` in ``dtype`` on the device of ``p``'s tensors (the
+    inverse of the layouts; used by tests and by streaming prefill, on CPU or GPU copies).
+    bf16 panels are only reordered; int codes are unpacked as uint8 and scaled in fp32 once."""
     S, n, k = p.w.shape[0], p.n, p.k
     if fmt.format == "bf16":
-        return p.w.view(S, n // 16, k // 2, 16, 2).permute(0, 1, 3, 2, 4).reshape(S, n, k).float()
+        return p.w.view(S, n // 16, k // 2, 16, 2).permute(0, 1, 3, 2, 4).reshape(S, n, k).to(dtype)
     G = fmt.group_for(k)
     ng = k // G
     if fmt.format == "int8":
@@ -253,7 +257,7 @@ def unpack(p: PackedMatrix, fmt: LayerFormat) -> torch.Tensor:
     s = p.scale.permute(0, 1, 3, 2).reshape(S, n, ng)
     m = None if p.zmin is None else p.zmin.permute(0, 1, 3, 2).reshape(S, n, ng)
     zero = 128 if fmt.format == "int8" else (8 if m is None else 0)
-    return Quantized(u.reshape(S, n, k), s, m, zero).dequantize()
+    return Quantized(u.reshape(S, n, k), s, m, zero).dequantize(dtype)
 
 
 # ---------------------------------------------------------------------------- the layer

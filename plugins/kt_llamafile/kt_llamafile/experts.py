@@ -14,6 +14,11 @@ for down, and each output row sums its experts in expert order (see csrc/matmul.
 
 ``make_job`` binds fixed buffers for asynchronous submit/wait (kt_llamafile.jobs): what
 ktcore's ``HostExpertsRunner`` needs to run these experts inside a CUDA graph.
+
+Streaming prefill (ktcore.runtime.streamed_experts): the raw rows stream as they are (zero
+copy from the mmap); ``stream_dense`` dequantises them where they land: on a GPU with
+kt-marlin's Triton kernels (an optional dependency, imported lazily), on the CPU with the C
+reference. F32/F16/BF16 rows are only reinterpreted.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any, ClassVar
 import torch
 
 from kt_llamafile import _lib, ops
+from kt_llamafile.qtypes import FLOAT_TYPES
 from kt_llamafile.linear import threads_option
 from kt_llamafile.weights import is_zero_copy, raw_rows, select_experts
 from ktcore.errors import BackendError
@@ -35,6 +41,7 @@ from ktcore.ops.weights import DenseWeight, WeightSource
 logger = logging.getLogger("kt_llamafile")
 
 ACT_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 class LlamafileExperts(Experts):
@@ -55,6 +62,7 @@ class LlamafileExperts(Experts):
         self.qtypes: dict[str, str] = {}
         self.zero_copy: dict[str, bool] = {}
         self.slot_of: torch.Tensor | None = None
+        self.compact = False  # rows hold only the owned experts (slot_of points into them)
 
     def pack(self, sources: Mapping[str, WeightSource]) -> None:
         spec = self.spec
@@ -71,6 +79,7 @@ class LlamafileExperts(Experts):
         ids = torch.tensor(spec.owned_ids, dtype=torch.long)
         slot_of[ids] = torch.arange(len(ids), dtype=torch.int32) if compact else ids.to(torch.int32)
         self.slot_of = slot_of
+        self.compact = compact
         _lib.kernels()
         logger.debug("%s packed %d/%d experts as %s (zero copy: %s)", type(self).__name__, spec.num_owned,
                      spec.num_experts, self.qtypes, self.zero_copy)
@@ -83,6 +92,54 @@ class LlamafileExperts(Experts):
         return ops.call(torch.ops.kt_llamafile.experts, ops.experts_impl, x, topk_ids, topk_weights,
                         self.rows["gate"], self.rows["up"], self.rows["down"], self.slot_of, qtypes,
                         self.spec.intermediate_size, ACT_CODES[self.spec.activation], self.threads)
+
+    # ------------------------------------------------------- streaming (ktcore.runtime.streamed_experts)
+
+    def _missing_dequantizer(self) -> str | None:
+        """Why the rows cannot be dequantised where streaming would put them, or None: a GPU
+        (when CUDA is available) needs kt-marlin's kernels, the CPU has the C reference."""
+        quantized = sorted({q for q in self.qtypes.values() if q not in FLOAT_TYPES})
+        if not quantized or not torch.cuda.is_available():
+            return None
+        try:
+            from kt_marlin.dequant import QTYPES
+        except Exception as exc:  # not installed, or Triton missing: no GPU dequantisation
+            return f"kt-marlin cannot be imported ({exc})"
+        missing = [q for q in quantized if q not in QTYPES]
+        return f"kt-marlin cannot dequantise {missing}" if missing else None
+
+    def stream_tensors(self) -> dict[str, torch.Tensor] | None:
+        """The raw rows ``{"gate", "up", "down"}``, each ``[S, bytes per expert]`` uint8."""
+        if self.slot_of is None:
+            return None
+        reason = self._missing_dequantizer()
+        if reason is not None:
+            logger.debug("%s: no streaming, %s", type(self).__name__, reason)
+            return None
+        return dict(self.rows)
+
+    def stream_expert_ids(self) -> torch.Tensor:
+        """All E experts' ids when the rows are the whole stacked tensors, else the owned ones."""
+        if self.compact:
+            return torch.tensor(self.spec.owned_ids, dtype=torch.int64)
+        return torch.arange(self.rows["gate"].shape[0], dtype=torch.int64)
+
+    def stream_dense(self, chunk: Mapping[str, torch.Tensor], dtype: torch.dtype):
+        """gate, up ``[n, I, H]`` and down ``[n, H, I]`` in ``dtype`` on the chunk's device."""
+        H, I = self.spec.hidden_size, self.spec.intermediate_size
+        out = []
+        for name, dims in (("gate", (I, H)), ("up", (I, H)), ("down", (H, I))):
+            rows, qtype = chunk[name], self.qtypes[name]  # [n, bytes] uint8
+            shape = (rows.shape[0], *dims)
+            if qtype in FLOAT_TYPES:
+                out.append(rows.view(FLOAT_DTYPES[qtype]).reshape(shape).to(dtype))
+            elif rows.device.type == "cuda":
+                from kt_marlin.dequant import dequantize
+
+                out.append(dequantize(rows, qtype, shape, dtype))
+            else:
+                out.append(_lib.dequantize(rows, qtype, shape).to(device=rows.device, dtype=dtype))
+        return tuple(out)
 
     def make_job(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  y: torch.Tensor | None = None):
