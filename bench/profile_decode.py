@@ -39,7 +39,8 @@ def load_model(layers: int, max_len: int):
     profiler = cProfile.Profile()
     t0 = time.perf_counter()
     profiler.enable()
-    model = ktcore.load(store=SyntheticWeights(config, seed=0, dtype=torch.bfloat16), config=config,
+    store = SyntheticWeights(config, seed=0, dtype=torch.bfloat16, device="cuda")
+    model = ktcore.load(store=store, config=config,
                         rules=rules, dtype="bf16", max_seq_len=max_len)
     profiler.disable()
     load_s = time.perf_counter() - t0

@@ -16,7 +16,8 @@ from ktcore.errors import WeightError
 from ktcore.formats.store import WeightStore
 from ktcore.models.presets import ARCHITECTURES, PUBLISHED_PARAMS, make_config, preset_architectures
 from ktcore.models.skeleton import build_skeleton
-from ktcore.models.synth import BLOCK_ELEMENTS, SyntheticWeights, block_seed, fill_block_
+from ktcore.models.synth import (BLOCK_ELEMENTS, CHUNK_ELEMENTS, SyntheticWeights, fill_block_,
+                                 tensor_key)
 
 ROOT = Path(__file__).parents[2]
 
@@ -109,14 +110,89 @@ def test_unknown_name_is_a_weight_error():
 
 
 def test_golden_values():
-    """Fixed bits: a change of generator, seeding or arithmetic shows here on any machine."""
-    block = fill_block_(torch.empty(6), block_seed(0, "model.norm.weight", None, 0), 1.0, 0.0)
-    assert block.tolist() == [-0.5908203125, 0.4189453125, 1.3681640625, 0.4716796875,
-                              0.2021484375, -0.2041015625]
+    """Fixed bits: a change of hash, keys or arithmetic shows here on any machine."""
+    block = fill_block_(torch.empty(6), tensor_key(0, "model.norm.weight", None), 0, 1.0)
+    assert block.tolist() == [1.1611328125, 0.8583984375, 1.1962890625, -0.2705078125,
+                              -0.2041015625, -1.1826171875]
     weights = SyntheticWeights(make_config("qwen3_moe"), dtype=torch.float32)
     down = weights.tensor("model.layers.1.mlp.experts.down")
     assert hashlib.sha256(down.numpy().tobytes()).hexdigest() == (
-        "c693445918393b9f5ce9e805547785d32081c3f7f05fffcb798d37db91125490")
+        "d7528f208d1cf6c58be32dc505e6a471ad848271cb60b6f7013cdd11e5a86a3b")
+
+
+def test_blocks_and_offsets_are_the_counter():
+    """Element i is element i % BLOCK of block i // BLOCK, whatever chunk computes it."""
+    config = make_config("mixtral", vocab_size=8192, hidden_size=384, intermediate_size=64)
+    weights = SyntheticWeights(config, dtype=torch.float32)
+    name = "model.embed_tokens.weight"  # 3 M elements: blocks 0, 1, 2
+    flat = weights.tensor(name).view(-1)
+    info = weights.info(name)
+    key = tensor_key(0, name, None)
+    for block, start, n in ((0, 0, 5), (1, 123, 1000), (2, BLOCK_ELEMENTS - 7, 7)):
+        part = fill_block_(torch.empty(n), key, block, info.std, info.mean, start=start)
+        first = block * BLOCK_ELEMENTS + start
+        assert torch.equal(part, flat[first:first + n])
+
+
+def test_device_path_gives_the_same_bits():
+    """The batched path a CUDA device runs (several blocks a step, keys as tensors), run on the CPU."""
+    config = make_config("mixtral", vocab_size=8192, hidden_size=384, intermediate_size=64)
+    weights = SyntheticWeights(config)
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.1.mlp.experts.down"):
+        info = weights.info(name)
+        expected = weights.tensor(name)
+        got = torch.empty_like(expected)
+        parts = [(None, got)] if info.experts is None else [(e, got[e]) for e in range(info.experts)]
+        weights._generate_on_device(info, [(tensor_key(0, name, e), out.view(-1)) for e, out in parts],
+                                    torch.device("cpu"))
+        assert torch.equal(got, expected), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_gives_the_same_bits():
+    config = make_config("deepseek_v3", hidden_size=256, vocab_size=4096)
+    cpu = SyntheticWeights(config, seed=2)
+    gpu = SyntheticWeights(config, seed=2, device="cuda")
+    for name in cpu.names():
+        got = gpu.tensor(name)
+        assert got.device.type == "cpu" and torch.equal(got, cpu.tensor(name)), name
+
+
+def test_statistics_of_the_hash():
+    """Moments of the Irwin-Hall values, and no correlation between neighbours, rows or experts."""
+    config = make_config("qwen3_moe", "qwen3-30b-a3b", layers=1)
+    weights = SyntheticWeights(config, dtype=torch.float32)
+    name = "model.layers.0.mlp.experts.gate"
+    std = weights.info(name).std
+    experts = torch.stack([weights.expert(name, e) for e in (0, 1, 77)]) / std  # [3, 768, 2048], unit
+    z = experts.view(3, -1).double()
+    n = z.shape[1]
+    assert z.mean(1).abs().max().item() < 5 / math.sqrt(n)
+    assert z.std(1).sub(1).abs().max().item() < 0.005
+    assert z.abs().max().item() <= 1534.5 / 512 + 1e-6  # bounded at +-3 sigma
+    assert z.pow(4).mean().item() == pytest.approx(3 - 1.2 / 3, abs=0.01)  # Irwin-Hall(3) kurtosis 2.6
+
+    def corr(a, b):
+        return ((a - a.mean()) * (b - b.mean())).mean().item() / (a.std() * b.std()).item()
+
+    limit = 5 / math.sqrt(n)
+    for e in range(3):
+        flat = z[e]
+        for lag in (1, 2, 3, 4, 1024, 2048, BLOCK_ELEMENTS):  # neighbours, rows, next block
+            assert abs(corr(flat[:-lag], flat[lag:])) < limit * 2, (e, lag)
+        assert abs(corr(flat[:-2] * flat[1:-1], flat[2:])) < limit * 2  # third order
+    assert abs(corr(z[0], z[1])) < limit and abs(corr(z[0], z[2])) < limit  # expert vs expert
+    low = (experts * 512 + 1022.5).round().long() % 2  # no parity bias in the low bits
+    assert low.double().mean().item() == pytest.approx(0.5, abs=0.002)
+    # histogram against Irwin-Hall(3)'s density (piecewise quadratic) on 12 bins of half a sigma
+    hist = torch.histc(z[0].float(), bins=12, min=-3, max=3) / n
+    u = torch.linspace(0, 3, 13, dtype=torch.float64)  # bin edges in Irwin-Hall units (3 sigma = 1.5)
+
+    def cdf(x):  # Irwin-Hall(3) CDF
+        return torch.where(x < 1, x**3 / 6, torch.where(x < 2, (-2 * x**3 + 9 * x**2 - 9 * x + 3) / 6,
+                                                       1 - (3 - x) ** 3 / 6))
+    expected = cdf(u[1:]) - cdf(u[:-1])
+    assert (hist.double() - expected).abs().max().item() < 0.002
 
 
 def test_same_bits_on_the_default_isa_path():
@@ -135,11 +211,14 @@ def test_same_bits_on_the_default_isa_path():
 
 def test_thread_count_does_not_change_values():
     config = make_config("mixtral", vocab_size=8192, hidden_size=256, intermediate_size=64)
-    name = "model.embed_tokens.weight"  # 8192 x 256 = 64 blocks: generated in parallel
-    assert math.prod(SyntheticWeights(config).shape(name)) >= 16 * BLOCK_ELEMENTS
+    name = "model.embed_tokens.weight"  # 8192 x 256 = 16 chunks: generated in parallel
+    assert math.prod(SyntheticWeights(config).shape(name)) >= 16 * CHUNK_ELEMENTS
     one = SyntheticWeights(config, threads=1).tensor(name)
     four = SyntheticWeights(config, threads=4).tensor(name)
     assert torch.equal(one, four)
+    before = torch.get_num_threads()
+    SyntheticWeights(config, threads=3).tensor(name)
+    assert torch.get_num_threads() == before  # torch's intra-op threads are restored
 
 
 def test_scales():
@@ -174,7 +253,8 @@ def test_random_model_is_well_conditioned(arch):
     ids = torch.arange(3, 3 + 5 * 24, 5).reshape(1, 24) % config.vocab_size
     with torch.no_grad():
         out = model(ids, output_hidden_states=True)
-        generated = model.generate(ids[:, :4], max_new_tokens=32, do_sample=False)[0, 4:]
+        model.generation_config.eos_token_id = None  # a random model may well pick EOS: not the point
+        generated = model.generate(ids[:, :4], max_new_tokens=32, do_sample=False, pad_token_id=0)[0, 4:]
     logits = out.logits[0]
     assert 1.0 < logits.std().item() < 4.0
     top2 = logits.topk(2, dim=-1).values
