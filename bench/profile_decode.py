@@ -97,7 +97,7 @@ def replay_ms(step, reps: int = 50) -> dict:
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True, blocking=True)
         a.record()
         step.graph.replay()
         b.record()
@@ -105,9 +105,11 @@ def replay_ms(step, reps: int = 50) -> dict:
         times.append(a.elapsed_time(b))
     times.sort()
     t0 = time.perf_counter()
+    done = torch.cuda.Event(blocking=True)  # a sleeping wait: the polling thread would take a core
     for _ in range(reps):  # back to back, one sync at the end
         step.graph.replay()
-    torch.cuda.synchronize()
+    done.record()
+    done.synchronize()
     return {"median_ms": times[len(times) // 2], "min_ms": times[0],
             "back_to_back_ms": (time.perf_counter() - t0) * 1e3 / reps}
 

@@ -37,7 +37,7 @@ class TokenPipe:
         self.next = (self.next + 1) % len(self.buffers)
         if self.on_cuda:
             buffer.copy_(tokens, non_blocking=True)
-            event = torch.cuda.Event()
+            event = torch.cuda.Event(blocking=True)  # the waiting thread sleeps: its core is the CPU experts'
             event.record(torch.cuda.current_stream(self.device))
         else:
             buffer.copy_(tokens)
