@@ -29,6 +29,7 @@ logger = logging.getLogger("kt_llamafile.bench")
 #: name -> extra compiler flags
 VARIANTS = {
     "default": "",
+    "no_prefetch": "-DKTL_PREFETCH=0",
     "pf512_nta": "-DKTL_PREFETCH=512",
     "pf1024_nta": "-DKTL_PREFETCH=1024",
     "pf2048_nta": "-DKTL_PREFETCH=2048",
