@@ -120,6 +120,8 @@ def main() -> None:
     parser.add_argument("--out", default=".")
     parser.add_argument("--compile", choices=("both", "off", "on"), default="both")
     parser.add_argument("--max-len", type=int, default=4200)
+    parser.add_argument("--prefill", type=int, default=0, help="also profile a prefill of this many tokens "
+                        "(CPU experts streamed to the GPU when it reaches the streaming threshold)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.out)
@@ -135,6 +137,21 @@ def main() -> None:
     if device is None:
         raise SystemExit(f"no graph: {reason}")
     prompt = torch.arange(3, 35)
+    if args.prefill:
+        ids = torch.randint(3, 1000, (args.prefill,))
+        for _ in range(2):  # warm-up: page-locking, workspaces
+            model.generate(ids, 1, stop_ids=[])
+        prefill = profile_replays(lambda: model.generate(ids, 1, stop_ids=[]), out, "prefill")
+        prefill.pop("events")
+        prefill["seconds"] = model.timings.prefill_s
+        model.set_stream_min_tokens(None)
+        model.generate(ids, 1, stop_ids=[])
+        prefill["cpu_experts_seconds"] = model.timings.prefill_s
+        model.set_stream_min_tokens(128)
+        report["prefill"] = prefill
+        log.info("prefill %d: streamed %.1f ms (CPU experts %.1f ms), GPU busy %.1f ms, gaps %.1f ms, top %s",
+                 args.prefill, prefill["seconds"] * 1e3, prefill["cpu_experts_seconds"] * 1e3, prefill["busy_us"] / 1e3,
+                 prefill["gaps_over_5us"] / 1e3, prefill["top_by_time"][:8])
     # eager step: kernels by name
     model.generate(prompt, 2, stop_ids=[], use_graph=False)
     ids = torch.full((1, 1), 7, device=device)
