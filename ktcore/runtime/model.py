@@ -51,6 +51,10 @@ class Model:
     tokenizer: object | None
     plan: object
     prefill_chunk: int = 512
+    #: prefill chunk while CPU experts stream to the GPU: every chunk copies every streamed
+    #: layer's weights once, so fewer, larger chunks (a 4096-token prompt: one copy, not 8)
+    stream_prefill_chunk: int = 4096
+    _streaming: bool = False  # some CPU experts stream to a GPU for large batches
     timings: Timings = field(default_factory=Timings)
     graph_steps: dict = field(default_factory=dict)  # batch bucket -> captured GraphDecodeStep
     compile: bool = False  # decode step compiled with torch.compile(fullgraph=True)
@@ -83,8 +87,9 @@ class Model:
         """ids: [T] -> logits [T, V] (or [1, V]); fills cache row ``slot`` in chunks of
         ``prefill_chunk``."""
         outputs = []
-        for start in range(0, ids.numel(), self.prefill_chunk):
-            chunk = ids[start:start + self.prefill_chunk][None]  # [1, C]
+        size = max(self.prefill_chunk, self.stream_prefill_chunk) if self._streaming else self.prefill_chunk
+        for start in range(0, ids.numel(), size):
+            chunk = ids[start:start + size][None]  # [1, C]
             end = start + chunk.shape[1]
             positions = torch.arange(start, end)[None]  # [1, C]
             lens = torch.tensor([end])
@@ -150,6 +155,8 @@ class Model:
         for layer in layers:
             layer.stream_min_tokens = n
             layer.stream_pools = pools
+        self._streaming = bool(n) and torch.cuda.is_available() and any(
+            part.device.type == "cpu" and hasattr(part, "stream_tensors") for layer in layers for part in layer.parts)
 
     def release_graph(self) -> None:
         """Drops the captured decode graphs (and the host runners they share)."""
