@@ -118,10 +118,9 @@ class ExpertsParts(nn.Module):
             if i in streaming:  # on x's device, the weights copied there
                 y = streaming[i].forward(x, topk_ids.to(x.device), topk_weights.to(x.device),
                                          self._stream_pool(x.device))
-                out = y if out is None else out + y
-                continue
-            dev = part.device
-            y = part(x.to(dev), topk_ids.to(dev), topk_weights.to(dev)).to(x.device)
+            else:
+                dev = part.device
+                y = part(x.to(dev), topk_ids.to(dev), topk_weights.to(dev)).to(x.device)
             out = y if out is None else out + y
 
         def finish() -> torch.Tensor:
