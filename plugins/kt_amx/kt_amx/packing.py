@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kt_amx import hugepages
 from ktcore.errors import WeightError
 from ktcore.ops.experts import owned_experts_dense
 from ktcore.ops.weights import GGUFWeight, WeightSource
@@ -220,6 +221,12 @@ def convert_exact(q: Quantized, fmt: LayerFormat) -> Quantized | None:
 # ------------------------------------------------------------------------------- layouts
 
 
+def _placed(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of the (permuted) panels ``t`` on huge pages where the host allows it."""
+    out = hugepages.empty(t.shape, t.dtype)
+    return out.copy_(t)
+
+
 def panel_layout(q: Quantized, fmt: LayerFormat) -> PackedMatrix:
     S, n, k = q.u.shape
     G = q.group
@@ -231,13 +238,13 @@ def panel_layout(q: Quantized, fmt: LayerFormat) -> PackedMatrix:
         w = u[..., 0] | (u[..., 1] << 4)
     scales = q.s.view(S, n // 16, 16, ng).permute(0, 1, 3, 2).contiguous()
     mins = None if q.m is None else q.m.view(S, n // 16, 16, ng).permute(0, 1, 3, 2).contiguous()
-    return PackedMatrix(w.contiguous().reshape(S, -1), scales, mins, n, k)
+    return PackedMatrix(_placed(w).reshape(S, -1), scales, mins, n, k)
 
 
 def pack_bf16(w: torch.Tensor) -> PackedMatrix:
     S, n, k = w.shape
     panels = w.to(torch.bfloat16).reshape(S, n // 16, 16, k // 2, 2).permute(0, 1, 3, 2, 4)
-    return PackedMatrix(panels.contiguous().reshape(S, -1), None, None, n, k)
+    return PackedMatrix(_placed(panels).reshape(S, -1), None, None, n, k)
 
 
 def unpack(p: PackedMatrix, fmt: LayerFormat, dtype: torch.dtype = torch.float32) -> torch.Tensor:
