@@ -147,6 +147,7 @@ class Model:
         there, their weights copied over PCIe chunk by chunk (0 or None: never); see
         ktcore.runtime.streamed_experts. The layers share one StreamPool per device."""
         from ktcore.runtime.blocks import ExpertsParts
+        from ktcore.runtime.streamed_experts import supports_streaming
 
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
             raise KtError(f"stream_min_tokens must be a non-negative int or None, got {n!r}")
@@ -156,7 +157,7 @@ class Model:
             layer.stream_min_tokens = n
             layer.stream_pools = pools
         self._streaming = bool(n) and torch.cuda.is_available() and any(
-            part.device.type == "cpu" and hasattr(part, "stream_tensors") for layer in layers for part in layer.parts)
+            part.device.type == "cpu" and supports_streaming(part) for layer in layers for part in layer.parts)
 
     def release_graph(self) -> None:
         """Drops the captured decode graphs (and the host runners they share)."""
