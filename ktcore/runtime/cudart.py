@@ -107,6 +107,10 @@ class Cudart:
         lib.cudaMemcpyAsync.restype = ctypes.c_int
         lib.cudaGetErrorString.argtypes = [ctypes.c_int]
         lib.cudaGetErrorString.restype = ctypes.c_char_p
+        lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+        lib.cudaHostRegister.restype = ctypes.c_int
+        lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
+        lib.cudaHostUnregister.restype = ctypes.c_int
 
     def check(self, err: int, what: str) -> None:
         if err != 0:
@@ -124,24 +128,18 @@ class Cudart:
                                                 _CUDA_MEMCPY_DEFAULT, ctypes.c_void_p(stream)),
                        "cudaMemcpyAsync")
 
-
-    def host_register(self, ptr: int, nbytes: int, flags: int) -> int:
-        """``cudaHostRegister``; returns the error code (0: page-locked), clearing the error."""
-        lib = self.lib
-        lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
-        lib.cudaHostRegister.restype = ctypes.c_int
-        err = lib.cudaHostRegister(ctypes.c_void_p(ptr), nbytes, flags)
-        if err:
-            lib.cudaGetLastError()
-        return err
-
-    def host_unregister(self, ptr: int) -> int:
-        self.lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
-        self.lib.cudaHostUnregister.restype = ctypes.c_int
-        err = self.lib.cudaHostUnregister(ctypes.c_void_p(ptr))
+    def _cleared(self, err: int) -> int:
+        """An error code the caller handles itself: the runtime's sticky last error is reset."""
         if err:
             self.lib.cudaGetLastError()
         return err
+
+    def host_register(self, ptr: int, nbytes: int, flags: int) -> int:
+        """``cudaHostRegister``; returns the error code (0: page-locked)."""
+        return self._cleared(self.lib.cudaHostRegister(ctypes.c_void_p(ptr), nbytes, flags))
+
+    def host_unregister(self, ptr: int) -> int:
+        return self._cleared(self.lib.cudaHostUnregister(ctypes.c_void_p(ptr)))
 
 
 def load_cudart(candidates: list[str] | None = None) -> Cudart:
