@@ -145,20 +145,6 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def why_no_streaming(model) -> str | None:
-    """Why the model's prefill cannot stream CPU experts to a GPU, or None when it can."""
-    from ktcore.runtime.blocks import ExpertsParts, MoEBlock, device_of
-
-    if not torch.cuda.is_available():
-        return "no CUDA device"
-    for block in model.decoder.modules():
-        if isinstance(block, MoEBlock) and isinstance(block.experts, ExpertsParts):
-            if device_of(block.gate).type == "cuda" and any(
-                    block.experts.streamed(i) is not None for i in range(len(block.experts.parts))):
-                return None
-    return "no CPU experts that stream, in a layer on a GPU"
-
-
 def _prefill_rate(model, ids: torch.Tensor) -> float:
     best = float("inf")
     for _ in range(2):  # the first run also sizes workspaces, caching allocators and page-locks
@@ -197,7 +183,7 @@ def run_case(case: BenchCase, bandwidth: float | None = None) -> Result:
     log.info("%s: loaded in %.1f s", case.name, result.load_s)
     gen = torch.Generator().manual_seed(case.seed)
     vocab = config.vocab_size
-    result.streaming_unavailable = why_no_streaming(model)
+    result.streaming_unavailable = model.streaming_unavailable()
     for length in case.prompt_lengths:
         key = str(length)
         ids = torch.randint(3, vocab, (length,), generator=gen)

@@ -147,7 +147,6 @@ class Model:
         there, their weights copied over PCIe chunk by chunk (0 or None: never); see
         ktcore.runtime.streamed_experts. The layers share one StreamPool per device."""
         from ktcore.runtime.blocks import ExpertsParts
-        from ktcore.runtime.streamed_experts import supports_streaming
 
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
             raise KtError(f"stream_min_tokens must be a non-negative int or None, got {n!r}")
@@ -156,8 +155,20 @@ class Model:
         for layer in layers:
             layer.stream_min_tokens = n
             layer.stream_pools = pools
-        self._streaming = bool(n) and torch.cuda.is_available() and any(
-            part.device.type == "cpu" and supports_streaming(part) for layer in layers for part in layer.parts)
+        self._streaming = bool(n) and self.streaming_unavailable() is None
+
+    def streaming_unavailable(self) -> str | None:
+        """Why prefill cannot stream CPU experts to a GPU, or None when it can."""
+        from ktcore.runtime.blocks import ExpertsParts, MoEBlock, device_of
+
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        for block in self.decoder.modules():
+            if isinstance(block, MoEBlock) and isinstance(block.experts, ExpertsParts):
+                if device_of(block.gate).type == "cuda" and any(
+                        block.experts.streamed(i) is not None for i in range(len(block.experts.parts))):
+                    return None
+        return "no CPU experts that stream, in a layer on a GPU"
 
     def release_graph(self) -> None:
         """Drops the captured decode graphs (and the host runners they share)."""

@@ -15,6 +15,7 @@ from ktcore.models.synth import SyntheticWeights
 from ktcore.runtime import benchmark
 from ktcore.runtime.benchmark import BenchCase, cpu_expert_bytes_per_token, markdown, run_case
 from ktcore.runtime.blocks import ExpertsParts
+from ktcore.runtime.model import Model
 
 pytest.importorskip("kt_amx", reason="the benchmark cases run kt-amx CPU experts")
 
@@ -47,7 +48,7 @@ def test_prefill_with_and_without_streaming(monkeypatch):
     """Where the CPU experts can stream, both prefill figures are measured and the faster is
     reported (here the stream's target is the CPU itself, as in test_streamed_experts)."""
     monkeypatch.setattr(ExpertsParts, "stream_device_types", ("cpu",))
-    monkeypatch.setattr(benchmark, "why_no_streaming", lambda model: None)
+    monkeypatch.setattr(Model, "streaming_unavailable", lambda self: None)
     result = run_case(TINY, bandwidth=20e9)
     assert set(result.prefill_cpu) == set(result.prefill_streamed) == {"20", "40"}
     for k, v in result.prefill.items():
