@@ -28,6 +28,22 @@ pytest.importorskip("kt_amx", reason="the host-job experts come from the kt-amx 
 pytest.importorskip("kt_llamafile", reason="and from the kt-llamafile plugin")
 
 AMX = "{op: experts, backend: amx, device: cpu, options: {format: bf16}}"
+
+
+def _split(gpu_backend: str) -> str:
+    """Every layer's experts: the first quarter on the GPU with ``gpu_backend``, the rest on kt-amx."""
+    return f"""\
+default_device: {{device}}
+rules:
+  - match: {{module: mlp.experts}}
+    replace:
+      op: experts
+      split:
+        - {{experts: 0%-25%, backend: {gpu_backend}, device: {{device}}}}
+        - {{experts: rest, backend: amx, device: cpu, options: {{format: bf16}}}}
+"""
+
+
 PLACEMENTS = {
     "all-cpu": f"""\
 default_device: {{device}}
@@ -49,26 +65,8 @@ rules:
   - match: {module: mlp.experts}
     replace: {op: experts, backend: llamafile, device: cpu}
 """,
-    "split-marlin": """\
-default_device: {device}
-rules:
-  - match: {module: mlp.experts}
-    replace:
-      op: experts
-      split:
-        - {experts: 0%-25%, backend: marlin, device: {device}}
-        - {experts: rest, backend: amx, device: cpu, options: {format: bf16}}
-""",
-    "split": """\
-default_device: {device}
-rules:
-  - match: {module: mlp.experts}
-    replace:
-      op: experts
-      split:
-        - {experts: 0%-25%, backend: torch, device: {device}}
-        - {experts: rest, backend: amx, device: cpu, options: {format: bf16}}
-""",
+    "split-marlin": _split("marlin"),
+    "split": _split("torch"),
 }
 
 
