@@ -27,7 +27,7 @@ MIN_BYTES = 2 * HUGE_PAGE  # smaller buffers hold no whole aligned huge page wor
 
 @functools.lru_cache(maxsize=1)
 def _madvise():
-    if not os.uname().sysname == "Linux" or os.environ.get("KT_AMX_HUGEPAGES", "1") == "0":
+    if os.uname().sysname != "Linux" or os.environ.get("KT_AMX_HUGEPAGES", "1") == "0":
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
