@@ -69,6 +69,8 @@ class ExpertsParts(nn.Module):
                         for i in self.host_job_parts()}
 
     def detach_host_runners(self) -> None:
+        for runner in self.runners.values():
+            runner.close()
         self.runners = {}
 
     def streamed(self, i: int):

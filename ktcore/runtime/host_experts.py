@@ -15,6 +15,13 @@ so the caller's GPU work in between (shared experts, GPU-owned experts) overlaps
 experts. It works eagerly and under ``torch.cuda.graph`` capture; a replay runs the CPU
 experts with no Python.
 
+Where the backend offers a doorbell (``experts.host_doorbell(device)``, kt_amx.doorbell) and
+the driver offers stream memory operations (ktcore.runtime.stream_memops), the two host nodes
+become memory operations: "submit" writes the job's code into the doorbell's request word, and
+"wait" waits for its done word to hold the code, then resets it. The backend's watcher thread
+runs the same submit and wait functions; the driver's callback thread, a round trip of tens
+of microseconds per host node, is out of the path. ``runner.signal`` says which one is used.
+
 Job protocol (what an Experts operator must offer to run inside a graph):
 
 - ``make_job(x, topk_ids, topk_weights, y) -> job`` binding fixed contiguous CPU buffers
@@ -23,7 +30,10 @@ Job protocol (what an Experts operator must offer to run inside a graph):
   ``void f(void *job)`` that hand the job to the backend's workers and return, and that block
   until it is done; ``job.address``: the ``void *`` to pass them;
 - ``job.wait()``: raises the error of the last run (host functions cannot raise);
-- optionally ``reserve(tokens, top_k)``: sizes the operator's workspace before capture.
+- optionally ``reserve(tokens, top_k)``: sizes the operator's workspace before capture;
+- optionally ``host_doorbell(device)``: an object with ``req_address``/``done_address`` (host
+  addresses of two page-locked int32 words), ``add(submit_fn, wait_fn, job_address) -> code``,
+  ``remove(code)``, ``acquire()``/``release()`` (its watcher thread runs while acquired).
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import weakref
 import torch
 
 from ktcore.runtime import cudart as rt
+from ktcore.runtime import stream_memops
 
 
 #: Live runners by handle: the custom ops below receive the handle (an int), not the runner.
@@ -47,6 +58,14 @@ def supports_host_jobs(experts) -> bool:
     return callable(getattr(experts, "make_job", None))
 
 
+def _release_doorbell(bell, codes: dict[int, int]) -> None:
+    if bell is not None:
+        for code in codes.values():
+            bell.remove(code)
+        codes.clear()
+        bell.release()
+
+
 class PendingForward:
     """A submitted forward: ``finish()`` enqueues the wait and the copy back, returns y."""
 
@@ -55,7 +74,11 @@ class PendingForward:
 
     def finish(self) -> torch.Tensor:
         r = self.runner
-        rt.enqueue_host_func(self.job.host_functions()[1], self.job.address, self.stream)
+        if r.doorbell is not None:
+            stream_memops.wait_value(self.stream, r.done_word, r.codes[self.T])
+            stream_memops.write_value(self.stream, r.done_word, 0)
+        else:
+            rt.enqueue_host_func(self.job.host_functions()[1], self.job.address, self.stream)
         y_pin = r.y_pin[:self.T]
         y = r.y_gpu[:self.T]
         rt.cudart().memcpy_async(y.data_ptr(), y_pin.data_ptr(), y_pin.numel() * y_pin.element_size(), self.stream)
@@ -95,9 +118,35 @@ class HostExpertsRunner:
             experts.reserve(T, K)  # workspace sized once, before any capture
         self._jobs: dict[int, object] = {}
         self._pending: PendingForward | None = None  # between the two custom ops
+        self.codes: dict[int, int] = {}  # T -> the doorbell code of job(T)
+        self.req_word = self.done_word = 0  # device addresses of the doorbell's two words
+        self.doorbell, self.signal = self._ring_doorbell()
+        self._release = weakref.finalize(self, _release_doorbell, self.doorbell, self.codes)
         self.python_calls = 0  # forwards that went through Python (a replay adds none)
         self.handle = next(_HANDLES)
         _RUNNERS[self.handle] = self
+
+    def _ring_doorbell(self):
+        """``(doorbell, "doorbell")`` when the backend's doorbell can be rung with stream memory
+        operations on this device (its watcher then runs until ``close()``), else
+        ``(None, "host nodes (why)")``."""
+        get = getattr(self.experts, "host_doorbell", None)
+        if get is None or self.device.type != "cuda":
+            return None, "host nodes (the backend offers no doorbell)" if get is None else "host nodes"
+        ok, why = stream_memops.available(self.device)
+        bell = get(self.device) if ok else None
+        if bell is None:
+            return None, f"host nodes ({why or 'the backend has no doorbell for this device'})"
+        self.req_word = stream_memops.device_pointer(bell.req_address)
+        self.done_word = stream_memops.device_pointer(bell.done_address)
+        bell.acquire()
+        return bell, "doorbell"
+
+    def close(self) -> None:
+        """Releases the doorbell (its watcher stops with its last user); no forward may be in
+        flight, nor captured in a graph that is replayed again. Later forwards use host nodes."""
+        self._release()
+        self.doorbell, self.signal = None, "host nodes (closed)"
 
     def job(self, T: int):
         """The job bound to the first T rows of the static buffers (made once per T)."""
@@ -105,6 +154,8 @@ class HostExpertsRunner:
         if job is None:
             job = self.experts.make_job(self.x_pin[:T], self.ids_pin[:T], self.w_pin[:T], self.y_pin[:T])
             self._jobs[T] = job
+            if self.doorbell is not None:
+                self.codes[T] = self.doorbell.add(*job.host_functions(), job.address)
         return job
 
     def submit(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -133,7 +184,10 @@ class HostExpertsRunner:
         job = self.job(T)
         for src, dst in zip(srcs, (self.x_pin, self.ids_pin, self.w_pin)):
             rt.cudart().memcpy_async(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size(), handle)
-        rt.enqueue_host_func(job.host_functions()[0], job.address, handle)
+        if self.doorbell is not None:
+            stream_memops.write_value(handle, self.req_word, self.codes[T])
+        else:
+            rt.enqueue_host_func(job.host_functions()[0], job.address, handle)
         return PendingForward(self, job, T, handle)
 
     def check_status(self) -> None:

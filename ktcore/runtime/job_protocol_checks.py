@@ -83,9 +83,17 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def check_runner_eager(experts, reference, dtype: torch.dtype, tolerance: float = 2e-2) -> None:
-    """GPU host: ``reference`` is an Experts operator on the GPU (e.g. TorchExperts, fp32)."""
+def _check_signal(runner: HostExpertsRunner, expect_signal: str | None) -> None:
+    if expect_signal is not None:
+        assert runner.signal.startswith(expect_signal), (runner.signal, expect_signal)
+
+
+def check_runner_eager(experts, reference, dtype: torch.dtype, tolerance: float = 2e-2,
+                       expect_signal: str | None = None) -> None:
+    """GPU host: ``reference`` is an Experts operator on the GPU (e.g. TorchExperts, fp32);
+    ``expect_signal``: how the runner must reach the CPU ("doorbell" or "host nodes")."""
     runner = HostExpertsRunner(experts, max_tokens=16, dtype=dtype)
+    _check_signal(runner, expect_signal)
     assert "libcudart" in Path(rt.cudart().path).name
     for T, seed in ((16, 1), (5, 2), (1, 3)):
         x, ids, w = random_inputs(experts.spec, T, seed, "cuda")
@@ -96,6 +104,7 @@ def check_runner_eager(experts, reference, dtype: torch.dtype, tolerance: float 
         err = relative_error(y, reference(x.float(), ids, w))
         assert err < tolerance, (T, err)
     runner.check_status()
+    runner.close()
 
 
 def _calls_under(package: Path, seen: list):
@@ -105,11 +114,12 @@ def _calls_under(package: Path, seen: list):
     return profile
 
 
-def check_graph_replay(experts, T: int, package: Path, replays: int = 5) -> None:
+def check_graph_replay(experts, T: int, package: Path, replays: int = 5, expect_signal: str | None = None) -> None:
     """GPU host: see the module docstring; ``package`` is the plugin's directory, none of
     whose Python may run during a replay."""
     spec = experts.spec
     runner = HostExpertsRunner(experts, max_tokens=8, dtype=torch.bfloat16)
+    _check_signal(runner, expect_signal)
     dev = torch.device("cuda")
     static_x = torch.zeros(T, spec.hidden_size, dtype=torch.bfloat16, device=dev)
     static_ids = torch.zeros(T, spec.top_k, dtype=torch.int64, device=dev)
@@ -154,3 +164,4 @@ def check_graph_replay(experts, T: int, package: Path, replays: int = 5) -> None
         assert torch.equal(out.cpu(), expected)
         assert torch.allclose(other, other_ref)
     runner.check_status()
+    runner.close()

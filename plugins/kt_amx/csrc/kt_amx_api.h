@@ -159,3 +159,20 @@ int kt_linear_set(kt_job *job, kt_linear *lin, int32_t tokens, const void *x, in
 /* The same two as void (*)(void *) callbacks for cudaLaunchHostFunc (user data = kt_job *). */
 void kt_host_submit(void *job);
 void kt_host_wait(void *job);
+/* --- doorbells: host jobs rung from a CUDA stream through mapped memory (doorbell.c) ---- */
+typedef struct kt_doorbell kt_doorbell;
+/* req and done: int32 words in page-locked, device-mapped memory (on separate cache lines). */
+kt_doorbell *kt_doorbell_create(int32_t *req, int32_t *done, int32_t capacity);
+/* An entry (the job protocol's submit / wait functions and their user data); returns its
+ * code (>= 1) for the stream to write into req, -1 when full. */
+int32_t kt_doorbell_add(kt_doorbell *d, void *submit, void *wait, void *job);
+/* Forgets an entry (only while no stream can ring it): its code is then answered at once. */
+void kt_doorbell_remove(kt_doorbell *d, int32_t code);
+/* Starts the watcher thread (cpu -1: unpinned; spin_us: spinning after each request before
+ * it polls with sleeps). 0 on success or when already running. */
+int kt_doorbell_start(kt_doorbell *d, int cpu, int spin_us);
+void kt_doorbell_stop(kt_doorbell *d);
+int kt_doorbell_running(kt_doorbell *d);
+/* Requests answered by running a job (unknown 0) or at once for an unknown code (1). */
+int64_t kt_doorbell_count(kt_doorbell *d, int32_t unknown);
+void kt_doorbell_destroy(kt_doorbell *d);

@@ -29,7 +29,7 @@ from cffi import FFI
 PACKAGE_DIR = Path(__file__).resolve().parent
 CSRC = PACKAGE_DIR.parent / "csrc"
 MODULE = "kt_amx._kernels"
-COMMON_SOURCES = ("cpu_detect.c", "pool.c", "moe.c", "linear.c", "numa.c")
+COMMON_SOURCES = ("cpu_detect.c", "pool.c", "moe.c", "linear.c", "numa.c", "doorbell.c")
 KERNEL_SOURCE = "kernels.c"
 
 BASE_FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-pthread", "-fno-strict-aliasing", "-Wall", "-Wno-unused-function"]

@@ -251,6 +251,13 @@ class AmxExperts(Experts):
 
         return ExpertsJob(self, x, topk_ids, topk_weights, y)
 
+    def host_doorbell(self, device: torch.device):
+        """The doorbell a CUDA stream on ``device`` rings to run this layer's jobs without host
+        nodes (kt_amx.doorbell; the job protocol's optional part)."""
+        from kt_amx.doorbell import doorbell_for
+
+        return doorbell_for(device.index if device.index is not None else torch.cuda.current_device())
+
     def extra_repr(self) -> str:
         numa = "" if self.plan is None else f", numa={self.plan.mode}x{self.plan.n_parts}"
         return (f"{super().extra_repr()}, owned={self.spec.num_owned}/{self.spec.num_experts}, "

@@ -84,6 +84,11 @@ class LlamafileExperts(Experts):
         logger.debug("%s packed %d/%d experts as %s (zero copy: %s)", type(self).__name__, spec.num_owned,
                      spec.num_experts, self.qtypes, self.zero_copy)
 
+    def packed_bytes(self) -> int:
+        """Bytes of the owned experts' weights as held (GGUF blocks or float rows): what
+        ``kt bench`` counts for the CPU-bandwidth roofline."""
+        return sum(rows.shape[1] for rows in self.rows.values()) * self.spec.num_owned  # rows: [E or S, bytes]
+
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         self.check_inputs(x, topk_ids, topk_weights)
         if self.slot_of is None:
@@ -148,6 +153,15 @@ class LlamafileExperts(Experts):
         from kt_llamafile.jobs import ExpertsJob
 
         return ExpertsJob(self, x, topk_ids, topk_weights, y)
+
+    def host_doorbell(self, device: torch.device):
+        """kt-amx's doorbell for ``device`` when kt-amx is installed (its watcher thread runs
+        this backend's job functions like its own), else None: host nodes."""
+        try:
+            from kt_amx.doorbell import doorbell_for
+        except ImportError:
+            return None
+        return doorbell_for(device.index if device.index is not None else torch.cuda.current_device())
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, owned={self.spec.num_owned}/{self.spec.num_experts}, "

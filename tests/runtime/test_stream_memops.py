@@ -1,0 +1,70 @@
+"""Stream memory operations (ktcore.runtime.stream_memops): the choice between them and host
+nodes on any host; on the GPU host, a stream's write and wait on page-locked memory, eager and
+captured, answered by a Python thread standing in for a CPU backend's watcher."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from ktcore.runtime import stream_memops
+
+
+def test_cpu_device_and_setting_choose_host_nodes(monkeypatch):
+    assert stream_memops.available(torch.device("cpu")) == (False, "not a CUDA device")
+    monkeypatch.setenv(stream_memops.SIGNAL_ENV, "host-nodes")
+    ok, why = stream_memops.available(torch.device("cuda", 0))
+    assert not ok and "host-nodes" in why
+    monkeypatch.setenv(stream_memops.SIGNAL_ENV, "carrier-pigeon")
+    with pytest.raises(ValueError, match="KTCORE_HOST_SIGNAL"):
+        stream_memops.available(torch.device("cpu"))
+
+
+def answer(words: torch.Tensor, code: int, stop: threading.Event) -> None:
+    """A watcher in Python: when the request word holds ``code``, clear it and write ``code + 1``
+    into the done word."""
+    while not stop.is_set():
+        if int(words[0]) == code:
+            words[0] = 0
+            words[16] = code + 1
+        time.sleep(1e-4)
+
+
+@pytest.mark.cuda
+def test_write_then_wait_round_trip_eager_and_in_a_graph():
+    ok, why = stream_memops.available(torch.device("cuda"))
+    assert ok, why
+    words = torch.zeros(32, dtype=torch.int32, pin_memory=True)
+    req = stream_memops.device_pointer(words.data_ptr())
+    done = req + 16 * 4
+    out = torch.zeros(4, device="cuda")
+    stop = threading.Event()
+    watcher = threading.Thread(target=answer, args=(words, 5, stop), daemon=True)
+    watcher.start()
+
+    def step():
+        handle = int(torch.cuda.current_stream().cuda_stream)
+        out.add_(1)
+        stream_memops.write_value(handle, req, 5)
+        stream_memops.wait_value(handle, done, 6)
+        stream_memops.write_value(handle, done, 0)
+        out.mul_(2)  # runs only after the watcher answered
+
+    try:
+        step()
+        torch.cuda.synchronize()
+        assert out.tolist() == [2.0] * 4 and int(words[16]) == 0
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        out.zero_()
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        assert out.tolist() == [14.0] * 4  # ((0 + 1) * 2 + 1) * 2 + 1) * 2
+    finally:
+        stop.set()
+        watcher.join()
