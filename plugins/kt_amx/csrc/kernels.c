@@ -130,6 +130,9 @@ KT_INLINE void mk512_int(const int MB, const int is4, const kt_fmt *fmt, const k
     const int64_t gbytes = is4 ? (int64_t)G * 8 : (int64_t)G * 16;
     const int64_t sstep = fmt->scale_f32 ? 64 : 32;
     const __m512i nib = _mm512_set1_epi8(0x0F);
+    /* one activation row: the weights stream once, so fetch ahead of the loads (the next panel
+     * of the item follows this one in memory) */
+    const int64_t pf = MB == 1 ? atomic_load_explicit(&kt_prefetch_bytes, memory_order_relaxed) : 0;
     const uint8_t *xr[MB];
     const int32_t *gs[MB];
     const float *xs[MB];
@@ -147,6 +150,7 @@ KT_INLINE void mk512_int(const int MB, const int is4, const kt_fmt *fmt, const k
         const int64_t xo = (int64_t)g * G;
         if (is4) {
             for (int32_t j = 0; j < G / 8; j++) {
+                if (pf) _mm_prefetch((const char *)(wg + 64 * j + pf), _MM_HINT_T0);
                 __m512i v = _mm512_loadu_si512(wg + 64 * j);
                 __m512i lo = _mm512_and_si512(v, nib);
                 __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
@@ -157,6 +161,7 @@ KT_INLINE void mk512_int(const int MB, const int is4, const kt_fmt *fmt, const k
             }
         } else {
             for (int32_t j = 0; j < G / 4; j++) {
+                if (pf) _mm_prefetch((const char *)(wg + 64 * j + pf), _MM_HINT_T0);
                 __m512i v = _mm512_loadu_si512(wg + 64 * j);
                 for (int m = 0; m < MB; m++)
                     acc[m] = _mm512_dpbusd_epi32(acc[m], v, _mm512_set1_epi32(ld32(xr[m] + xo + 4 * j)));

@@ -156,6 +156,9 @@ int kt_linear_reserve(kt_linear *lin, int32_t tokens);
  * (or kt_submit/kt_wait). */
 int kt_linear_set(kt_job *job, kt_linear *lin, int32_t tokens, const void *x, int32_t x_dtype, void *y,
                   int32_t n_threads);
+/* Bytes the one-token int4/int8 kernels prefetch ahead in the weight stream (0 = none). */
+void kt_set_prefetch(int32_t bytes);
+int32_t kt_get_prefetch(void);
 /* The same two as void (*)(void *) callbacks for cudaLaunchHostFunc (user data = kt_job *). */
 void kt_host_submit(void *job);
 void kt_host_wait(void *job);

@@ -23,6 +23,7 @@
 #define KT_INTERNAL_H
 
 #include <stddef.h>
+#include <stdatomic.h>
 #include <stdint.h>
 
 #include "kt_amx_api.h"
@@ -97,6 +98,9 @@ extern const kt_isa_ops kt_ops_avx2;
 extern const kt_isa_ops kt_ops_avx512;
 extern const kt_isa_ops kt_ops_amx;
 extern const int kt_amx_emulated_build;   /* defined by the AMX variant */
+/* Bytes ahead of the current one that the one-token int kernels prefetch into L1 from the
+ * weight stream (0 = none; kt_set_prefetch, moe.c). */
+extern _Atomic int32_t kt_prefetch_bytes;
 
 /* Selected ISA (cpu_detect.c). */
 const kt_isa_ops *kt_isa_ops_selected(void);

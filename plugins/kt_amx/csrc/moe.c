@@ -639,6 +639,12 @@ int kt_run(kt_job *job) {
     return s != KT_OK ? s : kt_wait(job);
 }
 
+_Atomic int32_t kt_prefetch_bytes = 0;
+
+void kt_set_prefetch(int32_t bytes) { atomic_store(&kt_prefetch_bytes, bytes < 0 ? 0 : bytes / 64 * 64); }
+
+int32_t kt_get_prefetch(void) { return atomic_load(&kt_prefetch_bytes); }
+
 void kt_host_submit(void *job) { (void)kt_submit((kt_job *)job); }
 
 void kt_host_wait(void *job) { (void)kt_wait((kt_job *)job); }
