@@ -15,6 +15,15 @@ Every kind then multiplies by ``routed_scaling_factor``. ``forward(x[T,H])`` ret
 first), with no host synchronisation (capture-safe). Parameter names (``weight`` ``[E,H]``,
 ``e_score_correction_bias`` ``[E]``) are transformers', so ``load_state_dict`` of an HF
 router module's state dict works.
+
+Every top-k among experts goes through ``topk_experts``: compiled for CUDA, for few tokens
+(decode), it ranks the experts by comparisons (``small_topk``), which Inductor fuses into
+plain reductions, instead of ``torch.topk``'s select and sort kernels; eager, on the CPU and
+for many tokens it is ``torch.topk``. The same experts either way, except where scores tie:
+``small_topk`` takes the lower expert index first, ``torch.topk`` leaves it unspecified. NaN
+scores: a NaN ranks above every number on both paths, so a token whose scores are all NaN
+gets experts ``0..K-1`` (``small_topk``; K distinct valid ids from ``torch.topk``) with NaN
+weights.
 """
 
 from __future__ import annotations
@@ -89,6 +98,75 @@ class RouterSpec:
         return self.num_experts // self.n_group
 
 
+#: Largest ``scores.numel() * E`` (comparisons) for which a compiled ``topk_experts`` ranks by
+#: comparisons: up to 16 tokens among 256 experts, 64 among 128, 256 among 64.
+SMALL_TOPK_MAX_ELEMENTS = 1 << 20
+
+
+def expert_rank(scores: torch.Tensor) -> torch.Tensor:
+    """``int64[..., E]``: each expert's place along the last dim of ``scores``, best first (0).
+
+    rank[..., e] = how many experts j come before e: a higher score, or an equal score and
+    j < e (ties go to the lower expert index), and NaN before every number (where torch.topk
+    puts it), NaNs among themselves by index. A strict total order, so the ranks along the
+    last dim are a permutation of ``0..E-1``. Static shapes and no host sync: ``numel * E``
+    comparisons that Inductor reduces without materialising them.
+    """
+    E = scores.shape[-1]
+    s_e, s_j = scores[..., :, None], scores[..., None, :]  # [..., E, 1] (e), [..., 1, E] (j)
+    nan_e, nan_j = s_e.isnan(), s_j.isnan()
+    index = torch.arange(E, device=scores.device)
+    j_lower = index[None, :] < index[:, None]  # [E, E]: j < e
+    tied = (s_j == s_e) | (nan_j & nan_e)  # [..., E, E]
+    before = (s_j > s_e) | (nan_j & ~nan_e) | (tied & j_lower)  # [..., E, E]: j comes before e
+    return before.sum(dim=-1)  # [..., E]
+
+
+def small_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values [..., k], ids [..., k] int64)`` of ``scores [..., E]``, highest first, by ranks.
+
+    The same as ``torch.topk(scores, k, dim=-1)`` where the scores have no ties; equal scores
+    come lower expert index first (torch.topk leaves their order unspecified), and a NaN score
+    is taken before every number, with value NaN, as torch.topk does (``expert_rank``).
+    """
+    E = scores.shape[-1]
+    rank = expert_rank(scores)  # [..., E]
+    hit = rank[..., None, :] == torch.arange(k, device=scores.device)[:, None]  # [..., k, E]: one-hot
+    ids = torch.where(hit, torch.arange(E, device=scores.device), 0).sum(dim=-1)  # [..., k]
+    values = torch.where(hit, scores[..., None, :], float("-inf")).amax(dim=-1)  # [..., k]
+    return values, ids
+
+
+def small_topk_is_cheap(scores: torch.Tensor) -> bool:
+    """Whether ranking ``scores [..., E]`` by comparisons costs at most SMALL_TOPK_MAX_ELEMENTS."""
+    return scores.numel() * scores.shape[-1] <= SMALL_TOPK_MAX_ELEMENTS
+
+
+def uses_small_topk(scores: torch.Tensor) -> bool:
+    """Whether ``topk_experts`` ranks ``scores`` by comparisons: only while torch.compile traces
+    for CUDA (Inductor fuses the comparisons into small reductions there; eager, or compiled for
+    the CPU, they are far slower than torch.topk), and only where that is cheap. Decided at
+    trace time: device and shapes are static."""
+    return torch.compiler.is_compiling() and scores.device.type == "cuda" and small_topk_is_cheap(scores)
+
+
+def topk_experts(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, ids int64)``: ``torch.topk(scores [..., E], k, dim=-1)``, by ``small_topk`` in
+    a compiled decode step (``uses_small_topk``)."""
+    if uses_small_topk(scores):
+        return small_topk(scores, k)
+    values, ids = torch.topk(scores, k, dim=-1)
+    return values, ids
+
+
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``BoolTensor[T, E]``: True for the ``k`` highest scores of each row."""
+    if uses_small_topk(scores):
+        return expert_rank(scores) < k
+    best = torch.topk(scores, k, dim=-1, sorted=False)[1]  # [T, k]
+    return torch.zeros_like(scores, dtype=torch.bool).scatter(1, best, True)
+
+
 class Router(nn.Module):
     """Base router: the ``weight [E, H]`` projection and the shared top-k tail."""
 
@@ -125,7 +203,7 @@ class Router(nn.Module):
 
     def choose(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids [T,K] int64, weights [T,K] fp32) before renormalisation and scaling."""
-        weights, ids = torch.topk(scores, self.spec.top_k, dim=-1)
+        weights, ids = topk_experts(scores, self.spec.top_k)
         return ids, weights
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,8 +232,7 @@ class SoftmaxTopKRouter(Router):
 
 def group_mask(group_scores: torch.Tensor, topk_group: int, group_size: int) -> torch.Tensor:
     """``BoolTensor[T, E]``: True for the experts of the ``topk_group`` best groups."""
-    best = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]  # [T, topk_group]
-    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, best, True)  # [T, G]
+    keep = topk_mask(group_scores, topk_group)  # [T, G]
     return keep.repeat_interleave(group_size, dim=1)  # [T, E]
 
 
@@ -164,10 +241,11 @@ class GroupLimitedRouter(Router):
 
     def choose(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.spec
-        grouped = scores.view(-1, s.n_group, s.group_size)  # [T, G, E/G]
-        keep = group_mask(grouped.amax(dim=-1), s.topk_group, s.group_size)  # [T, E]
-        masked = scores.masked_fill(~keep, 0.0)  # [T, E]; transformers masks with 0, not -inf
-        weights, ids = torch.topk(masked, s.top_k, dim=-1)
+        if s.topk_group < s.n_group:  # else every group is kept
+            grouped = scores.view(-1, s.n_group, s.group_size)  # [T, G, E/G]
+            keep = group_mask(grouped.amax(dim=-1), s.topk_group, s.group_size)  # [T, E]
+            scores = scores.masked_fill(~keep, 0.0)  # [T, E]; transformers masks with 0, not -inf
+        weights, ids = topk_experts(scores, s.top_k)
         return ids, weights
 
 
@@ -184,10 +262,12 @@ class NoAuxTCRouter(Router):
     def choose(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.spec
         biased = scores + self.e_score_correction_bias.float()  # [T, E]
-        grouped = biased.view(-1, s.n_group, s.group_size)  # [T, G, E/G]
-        best2 = torch.topk(grouped, k=min(2, s.group_size), dim=-1)[0].sum(dim=-1)  # [T, G]
-        keep = group_mask(best2, s.topk_group, s.group_size)  # [T, E]
-        ids = torch.topk(biased.masked_fill(~keep, float("-inf")), s.top_k, dim=-1)[1]  # [T, K]
+        if s.topk_group < s.n_group:  # else every group is kept
+            grouped = biased.view(-1, s.n_group, s.group_size)  # [T, G, E/G]
+            best2 = topk_experts(grouped, min(2, s.group_size))[0].sum(dim=-1)  # [T, G]
+            keep = group_mask(best2, s.topk_group, s.group_size)  # [T, E]
+            biased = biased.masked_fill(~keep, float("-inf"))  # [T, E]
+        ids = topk_experts(biased, s.top_k)[1]  # [T, K]
         return ids, scores.gather(1, ids)  # weights: unbiased scores
 
 
