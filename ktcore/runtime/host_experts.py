@@ -72,7 +72,9 @@ class PendingForward:
     def __init__(self, runner: HostExpertsRunner, job, T: int, stream: int):
         self.runner, self.job, self.T, self.stream = runner, job, T, stream
 
-    def finish(self) -> torch.Tensor:
+    def finish(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Enqueues the wait and the copy of y into ``out`` (contiguous ``[T, H]`` in the
+        runner's dtype on its device; default: the static ``y_gpu[:T]``); returns it."""
         r = self.runner
         if r.doorbell is not None:
             stream_memops.wait_value(self.stream, r.done_word, r.codes[self.T])
@@ -80,7 +82,7 @@ class PendingForward:
         else:
             rt.enqueue_host_func(self.job.host_functions()[1], self.job.address, self.stream)
         y_pin = r.y_pin[:self.T]
-        y = r.y_gpu[:self.T]
+        y = r.y_gpu[:self.T] if out is None else out
         rt.cudart().memcpy_async(y.data_ptr(), y_pin.data_ptr(), y_pin.numel() * y_pin.element_size(), self.stream)
         return y
 
@@ -229,7 +231,8 @@ def host_experts_finish(ticket: torch.Tensor, x: torch.Tensor, runner: int) -> t
     pending, r._pending = r._pending, None
     if pending is None:
         raise RuntimeError("host_experts_finish without a submitted forward")
-    return pending.finish().to(x.dtype, copy=True)
+    y = pending.finish(torch.empty(x.shape, dtype=r.dtype, device=r.device))  # copied straight into a new tensor
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 @host_experts_finish.register_fake
