@@ -1,6 +1,7 @@
 """``kt bench``: the runtime's benchmarks on full-size-shaped random models (see
 ktcore.runtime.benchmark). ``kt bench`` alone runs every case; results go to ``--out`` as
-JSON and Markdown."""
+JSON and Markdown. GGUF cases write their model file once into ``--gguf-dir``
+(ktcore.runtime.bench_gguf) and reuse it."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--prompt-lengths", help="comma-separated prompt lengths (default 512,4096)")
     parser.add_argument("--decode-tokens", type=int, help="tokens per decode measurement (default 64)")
     parser.add_argument("--out", help="directory for results.json and results.md")
+    parser.add_argument("--gguf-dir", help="where the GGUF cases (*-gguf) keep their random Q4_K_M model file, "
+                        "written on first use and reused (about 5 GB for qwen3-30b-a3b-12l-gguf); "
+                        "default $KTCORE_CACHE/bench, i.e. ~/.cache/ktcore/bench")
     parser.set_defaults(func=run)
 
 
@@ -40,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for name in args.case or sorted(CASES):
         case = dataclasses.replace(CASES[name], **overrides)
-        results.append(run_case(case, bandwidth))
+        results.append(run_case(case, bandwidth, gguf_dir=args.gguf_dir))
     table = markdown(results)
     sys.stdout.write(table)
     if args.out:

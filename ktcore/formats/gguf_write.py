@@ -5,7 +5,9 @@ every tensor info (name, shape, type, offset) is written before any data; then e
 tensor is transformed, quantised (``kquants``/``gguf.quants``: real blocks) and written at its offset,
 one tensor at a time, in whatever order the caller yields them. ``gguf.GGUFWriter`` writes the
 header, metadata and tensor infos (it only holds tensor data when given with ``add_tensor``,
-which this module never calls).
+which this module never calls). ``write_gguf_blocks`` is that writing path on its own, for
+tensors already encoded, each with its own type (``random_gguf``: random blocks in a
+``q4_k_m`` type mix).
 
 Type rules (llama.cpp's converter and ``llama-quant.cpp``): 1-D tensors, ``*_norm.weight``,
 biases, the routers ``ffn_gate_inp``/``ffn_gate_inp_shexp`` and ``exp_probs_b`` stay F32; every
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +85,36 @@ def write_gguf(path: str | Path, config: Any, tokenizer: Any, tensors: Iterable[
     if fallbacks:
         logger.warning("%d of %d tensor(s) required fallback quantization (rows not a multiple of the %s block)",
                        fallbacks, len(plan), qtype)
+    return write_gguf_blocks(path, config, tokenizer, types, _encoded(plan, types, config, tensors, path), qtype,
+                             split_max_bytes=split_max_bytes, name=name)
+
+
+def write_gguf_blocks(path: str | Path, config: Any, tokenizer: Any, types: Mapping[str, str],
+                      blocks: Iterable[tuple[str, np.ndarray]], file_qtype: str, *,
+                      split_max_bytes: int | None = None, name: str | None = None) -> list[Path]:
+    """Writes tensors already in their GGUF encoding: the path ``write_gguf`` takes after encoding.
+
+    ``types`` gives the GGUF type of every tensor of ``gguf_plan(config)`` (by GGUF name);
+    ``blocks`` yields ``(GGUF name, array)`` once per tensor, in any order, each array holding
+    exactly that tensor's bytes (F32/F16 values or raw blocks). ``file_qtype`` is the requested
+    type that names the file type (``general.file_type``: Q4_K -> MOSTLY_Q4_K_M). The header,
+    metadata and tensor infos are written first, then each tensor at its offset as it comes,
+    so only one tensor is in memory at a time. Other arguments and the result as ``write_gguf``.
+    """
+    path = Path(path)
+    plan = gguf_plan(config)
+    names = {spec.name for spec in plan}
+    if set(types) != names:
+        odd = sorted(set(types) ^ names)
+        raise KtError(f"{path}: the type plan does not cover the {config.model_type} model's tensors exactly "
+                      f"({', '.join(odd[:5])}{' ...' if len(odd) > 5 else ''})")
+    unknown = sorted({t for t in types.values() if t not in GGUF_TYPES})
+    if unknown or file_qtype not in GGUF_TYPES:
+        raise KtError(f"GGUF type(s) {', '.join(unknown or [file_qtype])} not supported "
+                      f"(supported: {', '.join(GGUF_TYPES)})")
 
     writer = GGUFWriter(path, gguf_arch(config), split_max_size=split_max_bytes or 0)
-    add_model_metadata(writer, config, qtype=qtype, name=name)
+    add_model_metadata(writer, config, qtype=file_qtype, name=name)
     if tokenizer is not None:
         add_tokenizer_metadata(writer, tokenizer, config.vocab_size)
     nbytes = {spec.name: gguf_nbytes(types[spec.name], spec.shape, spec.name) for spec in plan}
@@ -105,7 +134,7 @@ def write_gguf(path: str | Path, config: Any, tokenizer: Any, tensors: Iterable[
         for fout in writer.fout:
             writer.write_padding(fout, fout.tell())
             starts.append(fout.tell())
-        _write_data(writer.fout, starts, where, plan, types, nbytes, config, tensors, path)
+        _write_blocks(writer.fout, starts, where, nbytes, blocks, path)
         for fout, start, end in zip(writer.fout, starts, ends):
             fout.truncate(start + end)  # trailing padding of the last tensor
         writer.close()
@@ -114,7 +143,7 @@ def write_gguf(path: str | Path, config: Any, tokenizer: Any, tensors: Iterable[
         for part in paths:
             part.unlink(missing_ok=True)
         raise
-    logger.info("wrote %s (%d tensors, %s) in %d part(s)", path, len(plan), qtype, len(paths))
+    logger.info("wrote %s (%d tensors, %s) in %d part(s)", path, len(plan), file_qtype, len(paths))
     return paths
 
 
@@ -131,9 +160,31 @@ def _layout(writer: GGUFWriter) -> tuple[dict[str, tuple[int, int]], list[int]]:
     return where, ends
 
 
-def _write_data(fouts: list[Any], starts: list[int], where: dict[str, tuple[int, int]], plan: list[GGUFTensorSpec],
-                types: dict[str, str], nbytes: dict[str, int], config: Any,
-                tensors: Iterable[tuple[str, torch.Tensor]], path: Path) -> None:
+def _write_blocks(fouts: list[Any], starts: list[int], where: dict[str, tuple[int, int]], nbytes: dict[str, int],
+                  blocks: Iterable[tuple[str, np.ndarray]], path: Path) -> None:
+    """Writes each ``(GGUF name, encoded array)`` at its offset; every tensor exactly once."""
+    done: set[str] = set()
+    for gname, data in blocks:
+        if gname not in where:
+            raise WeightError(f"{path}: {gname!r} is not a tensor of this file")
+        if gname in done:
+            raise WeightError(f"{path}: tensor {gname!r} was given twice")
+        if data.nbytes != nbytes[gname]:
+            raise WeightError(f"{path}: {gname}: {data.nbytes} bytes given, {nbytes[gname]} planned")
+        part, offset = where[gname]
+        fouts[part].seek(starts[part] + offset)
+        fouts[part].write(np.ascontiguousarray(data).data)
+        done.add(gname)
+        del data
+    missing = [n for n in where if n not in done]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise WeightError(f"{path}: GGUF tensor(s) {', '.join(repr(m) for m in missing[:5])}{more} were not given")
+
+
+def _encoded(plan: list[GGUFTensorSpec], types: dict[str, str], config: Any,
+             tensors: Iterable[tuple[str, torch.Tensor]], path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """``(GGUF name, encoded array)`` of every GGUF tensor made from the canonical ``tensors``."""
     by_source: dict[str, list[GGUFTensorSpec]] = defaultdict(list)
     for spec in plan:
         by_source[spec.source].append(spec)
@@ -150,13 +201,7 @@ def _write_data(fouts: list[Any], starts: list[int], where: dict[str, tuple[int,
         if not tensor.is_floating_point():
             raise WeightError(f"{path}: tensor {cname!r} must be a float tensor, got {tensor.dtype}")
         for spec in by_source[cname]:
-            data = encode(to_gguf(spec, tensor), types[spec.name], spec.name)
-            if data.nbytes != nbytes[spec.name]:  # a bug, not a user error
-                raise AssertionError(f"{spec.name}: {data.nbytes} bytes encoded, {nbytes[spec.name]} planned")
-            part, offset = where[spec.name]
-            fouts[part].seek(starts[part] + offset)
-            fouts[part].write(data.data)
-            del data
+            yield spec.name, encode(to_gguf(spec, tensor), types[spec.name], spec.name)
         done.add(cname)
     missing = [c for c in by_source if c not in done]
     if missing:

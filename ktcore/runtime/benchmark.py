@@ -1,7 +1,9 @@
 """``kt bench``: prefill and decode speed of a full-size-shaped random model on this host.
 
 One case loads a synthetic model (real config shape, deterministic random weights, the real
-loading code and rule file) and measures:
+loading code and rule file) or, with ``source="gguf:q4_k_m"``, the same shape from a GGUF of
+random valid blocks in llama.cpp's Q4_K_M type mix, written once into the bench cache
+(``ktcore.runtime.bench_gguf``) and read by the real GGUF loader, and measures:
 
 - prefill tokens/s for each prompt length (chunked as the runtime prefills), with the CPU
   experts computing on the CPU and, where the model has CPU experts that can stream to its
@@ -9,8 +11,9 @@ loading code and rule file) and measures:
 - decode tokens/s eager and with the captured CUDA graph (when the model allows one), and the
   graph's speedup;
 - decode as a fraction of the CPU-bandwidth roofline: the bytes of CPU expert weights a token
-  reads on average (top-k experts x the CPU's share of each layer's experts) / the host read
-  bandwidth measured in the same run, against the measured time per token;
+  reads on average (top-k experts x the CPU's share of each layer's experts, at their packed
+  or GGUF size) / the host read bandwidth measured in the same run, against the measured time
+  per token;
 - for each reduced expert count: decode tokens/s and the mean KL divergence of the logits
   against the full count over held-out tokens.
 """
@@ -49,8 +52,14 @@ class BenchCase:
     kl_tokens: int = 128
     seed: int = 0
     compile: bool = True  # the captured step compiled (faster: bench/results/README.md, session 3)
+    source: str = "synthetic"  # or a GGUF of random valid blocks: "gguf:q4_k_m" (ktcore.runtime.bench_gguf)
 
     def __post_init__(self) -> None:
+        from ktcore.runtime.bench_gguf import GGUF_SOURCES
+
+        if self.source != "synthetic" and self.source not in GGUF_SOURCES:
+            raise ValueError(f"BenchCase {self.name}: source must be 'synthetic' or one of {', '.join(GGUF_SOURCES)}, "
+                             f"got {self.source!r}")
         if not self.prompt_lengths or min(self.prompt_lengths) < 1:
             raise ValueError(f"BenchCase {self.name}: prompt lengths must be positive, got {self.prompt_lengths}")
         if self.decode_tokens < 2:
@@ -65,10 +74,21 @@ rules:
     replace: {op: experts, backend: amx, device: cpu, options: {format: int4}}
 """
 
+#: Every module on the GPU (dense GGUF weights dequantised at load) but the routed experts:
+#: on the CPU with kt-llamafile, computing on the GGUF blocks as the file holds them.
+GPU_WITH_LLAMAFILE_EXPERTS = """\
+default_device: cuda:0
+rules:
+  - match: {module: mlp.experts}
+    replace: {op: experts, backend: llamafile, device: cpu}
+"""
+
 #: The runtime issue's models.
 CASES = {
     "qwen3-30b-a3b-12l": BenchCase("qwen3-30b-a3b-12l", "qwen3_moe", "qwen3-30b-a3b", 12, GPU_WITH_AMX_INT4_EXPERTS,
                                    experts_per_token=(6,)),
+    "qwen3-30b-a3b-12l-gguf": BenchCase("qwen3-30b-a3b-12l-gguf", "qwen3_moe", "qwen3-30b-a3b", 12,
+                                        GPU_WITH_LLAMAFILE_EXPERTS, experts_per_token=(6,), source="gguf:q4_k_m"),
     "deepseek-v2-lite": BenchCase("deepseek-v2-lite", "deepseek_v2", "deepseek-v2-lite", None,
                                   GPU_WITH_AMX_INT4_EXPERTS, experts_per_token=(4,)),
 }
@@ -89,6 +109,7 @@ class Result:
     prefill_cpu: dict = field(default_factory=dict)  # str(length) -> tokens/s, CPU experts on the CPU
     prefill_streamed: dict = field(default_factory=dict)  # str(length) -> tokens/s, streamed to the GPU
     streaming_unavailable: str | None = None  # why prefill_streamed is empty
+    gguf: dict | None = None  # GGUF cases: path, bytes, write_s (None: the cached file was reused)
     decode: dict = field(default_factory=dict)
     selective: list = field(default_factory=list)
     peer: dict | None = None
@@ -159,27 +180,47 @@ def _decode_rate(model, prompt, tokens: int, use_graph: bool) -> float:
     return model.timings.decode_tokens / model.timings.decode_s
 
 
-def run_case(case: BenchCase, bandwidth: float | None = None) -> Result:
+def _load(case: BenchCase, config, result: Result, gguf_dir: str | Path | None):
+    """The case's model: from ``SyntheticWeights``, or from its cached GGUF (written first if
+    missing; not counted in ``load_s``)."""
     import ktcore
-    from ktcore.models.presets import make_config
-    from ktcore.models.synth import SyntheticWeights
-    from ktcore.runtime.cuda_graph import graph_device
-    from ktcore.runtime.quality import experts_per_token_kl
-    from ktcore.runtime.streamed_experts import DEFAULT_MIN_TOKENS as DEFAULT_STREAM_MIN_TOKENS
 
-    result = Result(case=asdict(case), host=host_info())
-    config = make_config(case.arch, case.preset, layers=case.layers)
-    store = SyntheticWeights(config, seed=case.seed, dtype=torch.bfloat16,
-                             device="cuda" if torch.cuda.is_available() else "cpu")  # same bits, faster
+    source: dict = {}
+    if case.source == "synthetic":
+        from ktcore.models.synth import SyntheticWeights
+
+        source["store"] = SyntheticWeights(config, seed=case.seed, dtype=torch.bfloat16,
+                                           device="cuda" if torch.cuda.is_available() else "cpu")  # same bits, faster
+        source["config"] = config
+    else:
+        from ktcore.runtime.bench_gguf import bench_gguf
+
+        made = bench_gguf(config, case.preset, case.source, case.seed, gguf_dir)
+        result.gguf = {"path": str(made.path), "bytes": made.nbytes, "write_s": made.write_s}
+        source["gguf"] = made.path
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         rules = case.rules
         if "\n" in rules:  # the text of a rule file
             rules = Path(tmp, f"{case.name}.yaml")
             rules.write_text(case.rules)
-        model = ktcore.load(store=store, config=config, rules=rules, dtype=case.dtype, compile=case.compile,
-                            max_seq_len=max(*case.prompt_lengths, DECODE_PROMPT) + case.decode_tokens + 8)
+        model = ktcore.load(rules=rules, dtype=case.dtype, compile=case.compile,
+                            max_seq_len=max(*case.prompt_lengths, DECODE_PROMPT) + case.decode_tokens + 8, **source)
     result.load_s = time.perf_counter() - t0
+    return model
+
+
+def run_case(case: BenchCase, bandwidth: float | None = None, gguf_dir: str | Path | None = None) -> Result:
+    """Runs ``case``; ``gguf_dir`` holds the GGUF of a GGUF case (default
+    ``bench_gguf.default_gguf_dir()``)."""
+    from ktcore.models.presets import make_config
+    from ktcore.runtime.cuda_graph import graph_device
+    from ktcore.runtime.quality import experts_per_token_kl
+    from ktcore.runtime.streamed_experts import DEFAULT_MIN_TOKENS as DEFAULT_STREAM_MIN_TOKENS
+
+    result = Result(case=asdict(case), host=host_info())
+    config = make_config(case.arch, case.preset, layers=case.layers)
+    model = _load(case, config, result, gguf_dir)
     log.info("%s: loaded in %.1f s", case.name, result.load_s)
     gen = torch.Generator().manual_seed(case.seed)
     vocab = config.vocab_size
