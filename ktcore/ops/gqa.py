@@ -11,7 +11,8 @@ The new tokens' roped keys and values are written at ``positions`` (slot = posit
 ``cache_lens[b]`` is the number of valid slots of row ``b`` *after* this write. Token (b, t)
 attends to slots ``s <= positions[b, t]`` and ``s < cache_lens[b]``. With ``static=True``
 (default when ``T == 1``, i.e. decode) attention runs over the whole static cache, masked by
-length: capture-safe. Otherwise (prefill) it runs over the first ``max(cache_lens)`` slots,
+length: capture-safe (on CUDA a Triton kernel, ``ktcore.ops.gqa_decode``, reads only the
+visible slots). Otherwise (prefill) it runs over the first ``max(cache_lens)`` slots,
 which costs one host synchronisation.
 """
 
@@ -222,7 +223,7 @@ class GQAAttention(Operator):
             raise RuntimeError(f"{type(self).__name__}: call load_weights() before forward()")
         s = self.spec
         B, T, _ = x.shape
-        nKV, G, D = s.num_kv_heads, s.num_heads // s.num_kv_heads, s.head_dim
+        nKV, D = s.num_kv_heads, s.head_dim
         w = self.qkv_weight  # [(nH + 2 nKV) D, H]
         if w is not None:
             qkv = F.linear(x.to(w.dtype), w, self.qkv_bias).to(x.dtype)  # [B, T, (nH + 2 nKV) D]
@@ -240,14 +241,42 @@ class GQAAttention(Operator):
         cache_lens = cache_lens[:B]
         if static is None:
             static = T == 1
-        kv_len = cache.max_len if static else max(int(cache_lens.max()), 1)
-        keys = cache.k[:B, :kv_len].to(x.dtype)  # [B, S, nKV, D]
-        values = cache.v[:B, :kv_len].to(x.dtype)  # [B, S, nKV, D]
-        # query head h = kv_head * G + g uses K/V head kv_head (transformers' repeat_kv)
-        q = q.view(B, T, nKV, G, D)  # q: [B, T, nKV, G, D]
-        scores = torch.einsum("btkgd,bskd->bkgts", q, keys) * s.softmax_scale  # [B, nKV, G, T, S]
-        visible = visible_slots(positions, cache_lens, kv_len)[:, None, None]  # [B, 1, 1, T, S]
-        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores.float(), dim=-1).to(x.dtype)  # fp32 softmax, as transformers
-        out = torch.einsum("bkgts,bskd->btkgd", probs, values)  # [B, T, nKV, G, D]
+        if static and T == 1 and x.is_cuda:
+            out = _decode_attention_cuda(q, cache, positions, cache_lens, s.softmax_scale)
+        else:
+            kv_len = cache.max_len if static else max(int(cache_lens.max()), 1)
+            out = cache_attention(q, cache, positions, cache_lens, kv_len, s.softmax_scale)
         return self.o_proj(out.reshape(B, T, s.num_heads * D))
+
+
+def cache_attention(q: torch.Tensor, cache: KVCache, positions: torch.Tensor, cache_lens: torch.Tensor,
+                    kv_len: int, softmax_scale: float) -> torch.Tensor:
+    """Torch attention of q [B, T, nH, D] over the first ``kv_len`` cache slots, masked by
+    ``visible_slots``; returns [B, T, nH, D] in q's dtype. The reference of the CUDA decode
+    kernel (``ktcore.ops.gqa_decode``).
+
+    A token that sees no slot (a padding row of a batch bucket) gets the mean of the values
+    (the mask leaves a uniform softmax), the kernel gives zeros: finite either way, and such
+    rows are discarded."""
+    B, T, n_heads, D = q.shape
+    nKV = cache.k.shape[2]
+    keys = cache.k[:B, :kv_len].to(q.dtype)  # [B, S, nKV, D]
+    values = cache.v[:B, :kv_len].to(q.dtype)  # [B, S, nKV, D]
+    # query head h = kv_head * G + g uses K/V head kv_head (transformers' repeat_kv)
+    q = q.view(B, T, nKV, n_heads // nKV, D)  # q: [B, T, nKV, G, D]
+    scores = torch.einsum("btkgd,bskd->bkgts", q, keys) * softmax_scale  # [B, nKV, G, T, S]
+    visible = visible_slots(positions, cache_lens, kv_len)[:, None, None]  # [B, 1, 1, T, S]
+    scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # fp32 softmax, as transformers
+    out = torch.einsum("bkgts,bskd->btkgd", probs, values)  # [B, T, nKV, G, D]
+    return out.reshape(B, T, n_heads, D)
+
+
+def _decode_attention_cuda(q: torch.Tensor, cache: KVCache, positions: torch.Tensor, cache_lens: torch.Tensor,
+                           softmax_scale: float) -> torch.Tensor:
+    """Decode (T == 1) attention on CUDA by the length-bounded Triton kernel: reads only the
+    visible slots of the static cache. q [B, 1, nH, D] -> [B, 1, nH, D]."""
+    from ktcore.ops.gqa_decode import gqa_decode  # imports triton: only on this path
+
+    out = gqa_decode(q[:, 0], cache.k, cache.v, positions[:, 0], cache_lens, softmax_scale)  # [B, nH, D]
+    return out[:, None]  # [B, 1, nH, D]
