@@ -82,10 +82,8 @@ def by_id(ids: torch.Tensor, weights: torch.Tensor):
     return ids.long().gather(1, order), weights.float().gather(1, order)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("T", [1, 3, 16, 129])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_router_matches_transformers(case, T, dtype):
+def routed_by_both(case, T, dtype):
+    """``(our router, x, (ids, weights) ours, (ids, weights) transformers')`` for one case."""
     torch.manual_seed(0)
     config = hf_config(case)
     hf = randomise(hf_class(CASES[case][2])(config)).to(dtype)
@@ -96,6 +94,14 @@ def test_router_matches_transformers(case, T, dtype):
         _, hf_weights, hf_ids = hf(x)
     ids, weights = ours(x)
     assert ids.dtype == torch.int32 and weights.dtype == torch.float32 and ids.shape == (T, config.num_experts_per_tok)
+    return ours, x, (ids, weights), (hf_ids, hf_weights)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("T", [1, 3, 16, 129])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_matches_transformers(case, T, dtype):
+    _, _, (ids, weights), (hf_ids, hf_weights) = routed_by_both(case, T, dtype)
     ids, weights = by_id(ids, weights)
     hf_ids, hf_weights = by_id(hf_ids, hf_weights)
     assert torch.equal(ids, hf_ids)

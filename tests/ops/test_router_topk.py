@@ -15,7 +15,6 @@ from ktcore.ops.router import (
     RouterSpec,
     build_router,
     expert_rank,
-    router_spec_from_config,
     small_topk,
     small_topk_is_cheap,
     topk_experts,
@@ -183,16 +182,7 @@ def test_router_matches_transformers_on_both_paths(path, case, T, dtype):
     since small_topk takes the lower index and CPU torch.topk an unspecified one."""
     if path == "topk":
         return ref.test_router_matches_transformers(case, T, dtype)
-    torch.manual_seed(0)  # as test_router_matches_transformers
-    config = ref.hf_config(case)
-    hf = ref.randomise(ref.hf_class(ref.CASES[case][2])(config)).to(dtype)
-    ours = build_router(router_spec_from_config(config), dtype=dtype)
-    ours.load_state_dict(hf.state_dict())
-    x = torch.randn(T, 64, dtype=dtype)
-    with torch.no_grad():
-        _, hf_weights, hf_ids = hf(x)
-    ids, weights = ours(x)
-    assert ids.dtype == torch.int32 and weights.dtype == torch.float32 and ids.shape == (T, config.num_experts_per_tok)
+    ours, x, (ids, weights), (hf_ids, hf_weights) = ref.routed_by_both(case, T, dtype)
     selection = ours.scores(ours.logits(x)) + getattr(ours, "e_score_correction_bias", 0.0)  # [T, E]
     ids, weights = ref.by_id(ids, weights)
     hf_ids, hf_weights = ref.by_id(hf_ids, hf_weights)
