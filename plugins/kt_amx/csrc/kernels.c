@@ -122,16 +122,24 @@ static void KT_FN(quantize)(const kt_fmt *fmt, int32_t k, int32_t group, const v
     }
 }
 
+/* Prefetches the line `ahead` bytes past p into L1 when it lies before `end` (integer
+ * arithmetic: the address may be past the weights). */
+KT_INLINE void prefetch_ahead(const uint8_t *p, int64_t ahead, const uint8_t *end) {
+    const uintptr_t a = (uintptr_t)p + (uintptr_t)ahead;
+    if (ahead && a < (uintptr_t)end) _mm_prefetch((const char *)a, _MM_HINT_T0);
+}
+
 /* int8 / int4 micro-kernel: MB activation rows x one 16-row panel. */
 KT_INLINE void mk512_int(const int MB, const int is4, const kt_fmt *fmt, const kt_mat *W, const uint8_t *wp,
                          const uint8_t *sp, const uint8_t *mp, const kt_act *A, int32_t row, float *out,
-                         int64_t ldo) {
+                         int64_t ldo, const uint8_t *pf_end) {
     const int32_t G = W->group, ng = W->ngroups;
     const int64_t gbytes = is4 ? (int64_t)G * 8 : (int64_t)G * 16;
     const int64_t sstep = fmt->scale_f32 ? 64 : 32;
     const __m512i nib = _mm512_set1_epi8(0x0F);
-    /* one activation row: the weights stream once, so fetch ahead of the loads (the next panel
-     * of the item follows this one in memory) */
+    /* one activation row: the weights stream once, so fetch ahead of the loads, up to pf_end
+     * (the end of this call's panels: the next panel follows this one in memory, the one after
+     * the last is another work item's) */
     const int64_t pf = MB == 1 ? atomic_load_explicit(&kt_prefetch_bytes, memory_order_relaxed) : 0;
     const uint8_t *xr[MB];
     const int32_t *gs[MB];
@@ -150,7 +158,7 @@ KT_INLINE void mk512_int(const int MB, const int is4, const kt_fmt *fmt, const k
         const int64_t xo = (int64_t)g * G;
         if (is4) {
             for (int32_t j = 0; j < G / 8; j++) {
-                if (pf) _mm_prefetch((const char *)(wg + 64 * j + pf), _MM_HINT_T0);
+                prefetch_ahead(wg + 64 * j, pf, pf_end);
                 __m512i v = _mm512_loadu_si512(wg + 64 * j);
                 __m512i lo = _mm512_and_si512(v, nib);
                 __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
@@ -161,7 +169,7 @@ KT_INLINE void mk512_int(const int MB, const int is4, const kt_fmt *fmt, const k
             }
         } else {
             for (int32_t j = 0; j < G / 4; j++) {
-                if (pf) _mm_prefetch((const char *)(wg + 64 * j + pf), _MM_HINT_T0);
+                prefetch_ahead(wg + 64 * j, pf, pf_end);
                 __m512i v = _mm512_loadu_si512(wg + 64 * j);
                 for (int m = 0; m < MB; m++)
                     acc[m] = _mm512_dpbusd_epi32(acc[m], v, _mm512_set1_epi32(ld32(xr[m] + xo + 4 * j)));
@@ -198,6 +206,7 @@ KT_INLINE void mk512_bf16(const int MB, const kt_mat *W, const uint8_t *wp, cons
 
 static void KT_FN(gemm)(const kt_fmt *fmt, const kt_mat *W, int32_t slot, int32_t panel0, int32_t npanels,
                         const kt_act *A, int32_t row0, int32_t M, float *out, int64_t ldo) {
+    const uint8_t *pf_end = W->w + slot * W->w_slot + (int64_t)(panel0 + npanels) * W->w_panel;
     for (int32_t i = 0; i < npanels; i++) {
         const int64_t p = panel0 + i;
         const uint8_t *wp = W->w + slot * W->w_slot + p * W->w_panel;
@@ -211,11 +220,11 @@ static void KT_FN(gemm)(const kt_fmt *fmt, const kt_mat *W, int32_t slot, int32_
                 KT_MB_SWITCH8(mb, KT_CALL)
 #undef KT_CALL
             } else if (fmt->format == KT_FMT_INT4) {
-#define KT_CALL(n) mk512_int(n, 1, fmt, W, wp, sp, mp, A, row0 + m0, o, ldo)
+#define KT_CALL(n) mk512_int(n, 1, fmt, W, wp, sp, mp, A, row0 + m0, o, ldo, pf_end)
                 KT_MB_SWITCH8(mb, KT_CALL)
 #undef KT_CALL
             } else {
-#define KT_CALL(n) mk512_int(n, 0, fmt, W, wp, sp, mp, A, row0 + m0, o, ldo)
+#define KT_CALL(n) mk512_int(n, 0, fmt, W, wp, sp, mp, A, row0 + m0, o, ldo, pf_end)
                 KT_MB_SWITCH8(mb, KT_CALL)
 #undef KT_CALL
             }
