@@ -18,7 +18,6 @@
 #define _GNU_SOURCE
 #include <immintrin.h>
 #include <pthread.h>
-#include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -48,12 +47,6 @@ struct kt_doorbell {
     _Atomic int64_t answered, unknown;
 };
 
-static int64_t bell_now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
-
 static void bell_sleep_ns(int64_t ns) {
     struct timespec ts = {(time_t)(ns / 1000000000), (long)(ns % 1000000000)};
     nanosleep(&ts, NULL);
@@ -76,28 +69,21 @@ static void ring(kt_doorbell *d, int32_t code) {
 
 static void *watch(void *arg) {
     kt_doorbell *d = arg;
-#if defined(__linux__)
-    if (d->cpu >= 0) {
-        cpu_set_t set;
-        CPU_ZERO(&set);
-        CPU_SET(d->cpu, &set);
-        pthread_setaffinity_np(pthread_self(), sizeof set, &set);
-    }
-#endif
-    int64_t last = bell_now_ns();
+    kt_pin_thread(d->cpu);
+    int64_t last = kt_now_ns();
     unsigned spins = 0;
     while (!atomic_load_explicit(&d->stop, memory_order_relaxed)) {
         const int32_t code = atomic_load_explicit(d->req, memory_order_acquire);
         if (code != 0) {
             atomic_store_explicit(d->req, 0, memory_order_relaxed);
             ring(d, code);
-            last = bell_now_ns();
+            last = kt_now_ns();
             spins = 0;
             continue;
         }
         _mm_pause();
         if (++spins % 256 == 0) {
-            const int64_t idle = bell_now_ns() - last;
+            const int64_t idle = kt_now_ns() - last;
             if (idle > 1000000000) bell_sleep_ns(1000000);
             else if (idle > d->spin_ns) bell_sleep_ns(20000);
         }

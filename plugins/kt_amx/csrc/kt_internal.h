@@ -101,6 +101,9 @@ extern const int kt_amx_emulated_build;   /* defined by the AMX variant */
 /* Bytes ahead of the current one that the one-token int kernels prefetch into L1 from the
  * weight stream (0 = none; kt_set_prefetch, moe.c). */
 extern _Atomic int32_t kt_prefetch_bytes;
+/* pool.c: CLOCK_MONOTONIC in ns; pins the calling thread to one CPU (cpu < 0: no-op). */
+int64_t kt_now_ns(void);
+void kt_pin_thread(int cpu);
 
 /* Selected ISA (cpu_detect.c). */
 const kt_isa_ops *kt_isa_ops_selected(void);

@@ -54,10 +54,23 @@ static kt_pool *g_pool;
 static pthread_mutex_t g_pool_mu = PTHREAD_MUTEX_INITIALIZER;
 static _Atomic int g_spin_us = 50;
 
-static int64_t now_ns(void) {
+int64_t kt_now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+void kt_pin_thread(int cpu) {
+#if defined(__linux__)
+    if (cpu >= 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(cpu, &set);
+        pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+    }
+#else
+    (void)cpu;
+#endif
 }
 
 void kt_pool_set_spin_us(int us) { atomic_store(&g_spin_us, us < 0 ? 0 : us); }
@@ -183,24 +196,17 @@ static void *worker_main(void *arg) {
     kt_worker *w = arg;
     kt_pool *pool = w->pool;
     t_worker = w->id;
-#if defined(__linux__)
-    if (w->cpu >= 0) {
-        cpu_set_t set;
-        CPU_ZERO(&set);
-        CPU_SET(w->cpu, &set);
-        pthread_setaffinity_np(pthread_self(), sizeof set, &set);
-    }
-#endif
+    kt_pin_thread(w->cpu);
     uint32_t seen = 0;
     for (;;) {
         uint32_t g = atomic_load_explicit(&pool->gen, memory_order_acquire);
         if (g == seen) {
             const int64_t limit = (int64_t)atomic_load(&g_spin_us) * 1000;
-            const int64_t t0 = now_ns();
+            const int64_t t0 = kt_now_ns();
             unsigned spins = 0;
             while ((g = atomic_load_explicit(&pool->gen, memory_order_acquire)) == seen) {
                 _mm_pause();
-                if (++spins % 64 == 0 && now_ns() - t0 >= limit) {
+                if (++spins % 64 == 0 && kt_now_ns() - t0 >= limit) {
                     pthread_mutex_lock(&pool->mu);
                     atomic_fetch_add(&pool->sleepers, 1);
                     while ((g = atomic_load(&pool->gen)) == seen) pthread_cond_wait(&pool->cv_work, &pool->mu);
@@ -284,11 +290,11 @@ int kt_pool_size(void) {
 static void wait_done(kt_pool *pool, kt_job *job) {
     if (atomic_load(&job->done)) return;
     const int64_t limit = (int64_t)atomic_load(&g_spin_us) * 1000;
-    const int64_t t0 = now_ns();
+    const int64_t t0 = kt_now_ns();
     unsigned spins = 0;
     while (!atomic_load_explicit(&job->done, memory_order_acquire)) {
         _mm_pause();
-        if (++spins % 64 == 0 && now_ns() - t0 >= limit) {
+        if (++spins % 64 == 0 && kt_now_ns() - t0 >= limit) {
             pthread_mutex_lock(&pool->mu);
             atomic_fetch_add(&pool->waiters, 1);
             while (!atomic_load(&job->done)) pthread_cond_wait(&pool->cv_done, &pool->mu);

@@ -25,6 +25,7 @@ import weakref
 import torch
 
 from kt_amx import _lib
+from kt_amx.numa import allowed_cpus
 
 logger = logging.getLogger("kt_amx")
 
@@ -47,8 +48,7 @@ def watcher_cpu() -> int:
     for the thread that drives the model; -1 (unpinned) when there is none."""
     lib = _lib.kernels()[1]
     workers = {lib.kt_pool_worker_cpu(i) for i in range(lib.kt_pool_size())}
-    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    free = [c for c in allowed if c not in workers]
+    free = [c for c in allowed_cpus() if c not in workers]
     return free[-1] if len(free) >= 2 else -1
 
 
