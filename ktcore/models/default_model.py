@@ -4,7 +4,6 @@ README's main command needs no download."""
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,13 +15,10 @@ DEFAULT_PRESET = "tiny"
 DEFAULT_SEED = 0
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("KTCORE_CACHE") or Path.home() / ".cache" / "ktcore")
-
-
 def default_model_dir() -> Path:
     """The default model's HF directory, made (and cached) on the first call."""
     from ktcore.models.make_model import make_model
+    from ktcore.models.tokenizer import cache_dir
 
     target = cache_dir() / "models" / f"{DEFAULT_PRESET}-{DEFAULT_ARCH}-seed{DEFAULT_SEED}"
     if (target / "config.json").is_file():
