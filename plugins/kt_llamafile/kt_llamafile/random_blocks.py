@@ -17,12 +17,10 @@ from __future__ import annotations
 import numpy as np
 
 from kt_llamafile.qtypes import BLOCKS, FLOAT_TYPES, K_TYPES, QTYPES, row_bytes
+from ktcore.formats.random_gguf import SCALE_FIELDS  # byte offsets of the fp16 scale fields (d, m / dmin)
 
 __all__ = ["BLOCKS", "FLOAT_TYPES", "K_TYPES", "QTYPES", "quantize", "random_weight", "row_bytes"]
 
-#: Byte offsets of the fp16 scale fields (d, m / dmin) inside a block.
-SCALE_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
-                "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 #: mean unsigned code of the K types with mins (Q2_K 2 bits, Q4_K 4, Q5_K 5)
 MEAN_CODE = {"Q2_K": 1.5, "Q4_K": 7.5, "Q5_K": 15.5}
 EXTREME_F16 = np.array([65504.0, -65504.0, 6.0e-8, -6.0e-8, 0.0, 1.0, -2.0, 6.1035e-05], dtype=np.float16)
