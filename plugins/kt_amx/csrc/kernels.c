@@ -146,9 +146,9 @@ KT_INLINE void mk512_int(const int MB, const int is4, const kt_fmt *fmt, const k
     const float *xs[MB];
     __m512 facc[MB];
     for (int m = 0; m < MB; m++) {
-        xr[m] = A->data + (int64_t)(row + m) * A->stride;
-        gs[m] = A->gsum + (int64_t)(row + m) * A->gstride;
-        xs[m] = A->scale + (int64_t)(row + m) * A->gstride;
+        xr[m] = A->data + kt_act_row(A, row + m) * A->stride;
+        gs[m] = A->gsum + kt_act_row(A, row + m) * A->gstride;
+        xs[m] = A->scale + kt_act_row(A, row + m) * A->gstride;
         facc[m] = _mm512_setzero_ps();
     }
     for (int32_t g = 0; g < ng; g++) {
@@ -193,7 +193,7 @@ KT_INLINE void mk512_bf16(const int MB, const kt_mat *W, const uint8_t *wp, cons
     const uint8_t *xr[MB];
     __m512 acc[MB];
     for (int m = 0; m < MB; m++) {
-        xr[m] = A->data + (int64_t)(row + m) * A->stride;
+        xr[m] = A->data + kt_act_row(A, row + m) * A->stride;
         acc[m] = _mm512_setzero_ps();
     }
     for (int32_t j = 0; j < W->k / 2; j++) {
@@ -391,9 +391,9 @@ KT_INLINE void mk256_int4(const int MB, const kt_fmt *fmt, const kt_mat *W, cons
     const float *xs[MB];
     __m256 facc[MB][2];
     for (int m = 0; m < MB; m++) {
-        xr[m] = A->data + (int64_t)(row + m) * A->stride;
-        gs[m] = A->gsum + (int64_t)(row + m) * A->gstride;
-        xs[m] = A->scale + (int64_t)(row + m) * A->gstride;
+        xr[m] = A->data + kt_act_row(A, row + m) * A->stride;
+        gs[m] = A->gsum + kt_act_row(A, row + m) * A->gstride;
+        xs[m] = A->scale + kt_act_row(A, row + m) * A->gstride;
         facc[m][0] = facc[m][1] = _mm256_setzero_ps();
     }
     for (int32_t g = 0; g < ng; g++) {
@@ -449,9 +449,9 @@ KT_INLINE void mk256_int8(const int MB, const kt_fmt *fmt, const kt_mat *W, cons
     const float *xs[MB];
     __m256 facc[MB][2];
     for (int m = 0; m < MB; m++) {
-        xr[m] = A->data + (int64_t)(row + m) * A->stride;
-        gs[m] = A->gsum + (int64_t)(row + m) * A->gstride;
-        xs[m] = A->scale + (int64_t)(row + m) * A->gstride;
+        xr[m] = A->data + kt_act_row(A, row + m) * A->stride;
+        gs[m] = A->gsum + kt_act_row(A, row + m) * A->gstride;
+        xs[m] = A->scale + kt_act_row(A, row + m) * A->gstride;
         facc[m][0] = facc[m][1] = _mm256_setzero_ps();
     }
     for (int32_t g = 0; g < ng; g++) {
@@ -497,7 +497,7 @@ KT_INLINE void mk256_bf16(const int MB, const kt_mat *W, const uint8_t *wp, cons
     const float *xr[MB];
     __m256 acc[MB][2];
     for (int m = 0; m < MB; m++) {
-        xr[m] = (const float *)(A->data + (int64_t)(row + m) * A->stride);
+        xr[m] = (const float *)(A->data + kt_act_row(A, row + m) * A->stride);
         acc[m][0] = acc[m][1] = _mm256_setzero_ps();
     }
     for (int32_t j = 0; j < W->k / 2; j++) {

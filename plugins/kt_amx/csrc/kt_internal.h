@@ -58,7 +58,12 @@ typedef struct {
     const float *scale;    /* [rows][gstride] int formats only */
     const int32_t *gsum;   /* [rows][gstride] int formats only */
     int32_t gstride;
+    const int32_t *rows;   /* NULL: kernel row r reads row r; else row rows[r] (vector kernels
+                            * only: gemm_amx needs NULL). Spares copying token rows per expert. */
 } kt_act;
+
+/* The stored row that kernel row r of A reads. */
+static inline int64_t kt_act_row(const kt_act *A, int32_t r) { return A->rows ? A->rows[r] : r; }
 
 /* Per-ISA kernels; one table per compiled variant (kernels.c). */
 typedef struct {

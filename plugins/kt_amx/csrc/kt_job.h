@@ -1,6 +1,10 @@
 /* A job: one forward of one layer, run by the pool as a sequence of phases separated by
  * barriers. Within a phase the participating workers take items from an atomic counter.
- * Item counts of later phases are written by earlier phases (routing decides them). */
+ * Item counts of later phases are written by earlier phases (routing decides them).
+ *
+ * Decode (a few tokens, every expert on the vector kernels) runs as one phase instead: the
+ * submitting thread routes and quantises x while preparing; the items are all gate/up items,
+ * then all down items (see moe.c "one-phase decode"). */
 #ifndef KT_JOB_H
 #define KT_JOB_H
 
@@ -40,6 +44,8 @@ typedef struct {
     float *hs;
     int32_t *hsum;
     float *ypair;         /* [rmax][H] */
+    float *row_w;         /* [rmax] routing weight of a row's pair (one-phase decode) */
+    _Atomic int32_t *gu_left; /* [n_slots] gate/up items of an active expert not done yet */
     uint8_t *scratch;     /* [threads][scratch_bytes] */
     int64_t xrow, hrow, scratch_bytes;
     int32_t rmax;
@@ -90,6 +96,10 @@ struct kt_job {
     int32_t n_active;      /* experts with at least one pair */
     int32_t use_amx_min;   /* rows from which an expert runs on AMX tiles */
     int32_t ppi_I, ppi_H;  /* panels per gate/up and per down item */
+    int32_t one_phase;     /* decode: gate/up items then down items in one phase */
+    int32_t n_gu_items;    /* one_phase: items below this are gate/up items */
+    _Atomic int32_t ready; /* one_phase: active experts whose h is in the down kernel's format */
+    int32_t prep_status;   /* status found while preparing (bad ids), kept when a run starts */
     int32_t n_items[KT_NUM_PHASES];
     _Atomic int32_t next[KT_NUM_PHASES];
     _Atomic int32_t bar_count;
@@ -103,6 +113,8 @@ struct kt_job {
 /* moe.c: prepares a submitted job (workspace addresses, phase 0 items). Returns a status.
  * Sub-jobs of a layer of parts are prepared here too. */
 int kt_job_prepare(kt_job *job, int32_t pool_threads);
+/* moe.c: resets what a run counts (item counters, barrier, status) before it starts. */
+void kt_job_reset_run(kt_job *job);
 /* moe.c: one item of one phase. */
 void kt_job_item(kt_job *job, int32_t phase, int32_t item, int32_t worker);
 /* linear.c */

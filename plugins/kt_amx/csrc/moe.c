@@ -6,6 +6,8 @@
  * so that an expert's activations are contiguous rows (an AMX A operand) and each phase item
  * writes rows no other item writes. Every buffer is sized from T and K (kt_moe_reserve).
  */
+#define _GNU_SOURCE
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +19,10 @@
 #define KT_QCH 4   /* tokens per quantise item */
 #define KT_RCH 16  /* rows per gather / quantise-h item */
 #define KT_TCH 4   /* tokens per reduce item */
+#define KT_DECODE_TOKENS 4        /* one-phase decode up to this many tokens (default) */
+#define KT_DECODE_TOKENS_MAX 16   /* ... and at most (KT_AMX_DECODE_TOKENS) */
+#define KT_ITEMS_PER_WORKER 8     /* one-phase decode: items per worker (balance) */
+#define KT_ITEM_MAX_BYTES (512 << 10) /* ... but no item streams more weights than this */
 
 struct kt_moe {
     kt_layer d;
@@ -26,6 +32,7 @@ struct kt_moe {
     uint8_t *ws;
     size_t ws_bytes;
     int32_t amx_min_rows;
+    int32_t decode_tokens; /* one-phase decode up to this many tokens (0: never) */
     /* a layer of NUMA parts (kt_moe_combine); n_parts 0 for a plain layer. Every part writes
      * an fp32 partial y; the partials are summed in part order. */
     int32_t n_parts, mode;
@@ -138,6 +145,8 @@ kt_moe *kt_moe_create(const kt_layer *d, char *err, int32_t err_len) {
     const char *env = getenv("KT_AMX_MIN_ROWS");
     /* AMX tiles from 9 rows: up to 8 rows the vector kernel reads each panel once as well. */
     m->amx_min_rows = env && atoi(env) > 0 ? atoi(env) : 9;
+    env = getenv("KT_AMX_DECODE_TOKENS");
+    m->decode_tokens = env ? min32(KT_DECODE_TOKENS_MAX, atoi(env) < 0 ? 0 : atoi(env)) : KT_DECODE_TOKENS;
     return m;
 }
 
@@ -249,6 +258,8 @@ static size_t ws_layout(const kt_moe *m, int32_t T, int32_t K, int32_t threads, 
     KT_TAKE(hs, float, (int64_t)ws->rmax * gi);
     KT_TAKE(hsum, int32_t, (int64_t)ws->rmax * gi);
     KT_TAKE(ypair, float, (int64_t)ws->rmax * H);
+    KT_TAKE(row_w, float, ws->rmax);
+    KT_TAKE(gu_left, _Atomic int32_t, n);
     KT_TAKE(scratch, uint8_t, (int64_t)threads * ws->scratch_bytes);
 #undef KT_TAKE
     return off;
@@ -313,11 +324,13 @@ int kt_job_set(kt_job *job, kt_moe *moe, int32_t T, int32_t K, const void *x, in
     return 0;
 }
 
-static void reset_sub(kt_job *sub) {
-    for (int p = 0; p < KT_NUM_PHASES; p++) atomic_store_explicit(&sub->next[p], 0, memory_order_relaxed);
-    atomic_store(&sub->bar_count, 0);
-    atomic_store(&sub->bar_gen, 0);
-    atomic_store(&sub->status, KT_OK);
+void kt_job_reset_run(kt_job *job) {
+    for (int p = 0; p < KT_NUM_PHASES; p++) atomic_store_explicit(&job->next[p], 0, memory_order_relaxed);
+    atomic_store_explicit(&job->for_next, 0, memory_order_relaxed);
+    atomic_store(&job->bar_count, 0);
+    atomic_store(&job->bar_gen, 0);
+    atomic_store(&job->ready, 0);
+    atomic_store(&job->status, job->prep_status);
 }
 
 /* Workers of part j among the first nw: those on node j, else one borrowed (j % nw). */
@@ -366,7 +379,7 @@ static int prepare_parts(kt_job *job, int32_t pool_threads) {
         int32_t *wmap = job->sub_wmap + (int64_t)j * pool_threads;
         sub->nw = part_workers(m, j, job->nw, pool_threads, wmap);
         sub->wmap = wmap;
-        reset_sub(sub);
+        kt_job_reset_run(sub);
     }
     for (int32_t t = 0; t < T; t++)
         for (int32_t j = 0; j < n; j++) {
@@ -377,7 +390,11 @@ static int prepare_parts(kt_job *job, int32_t pool_threads) {
     return KT_OK;
 }
 
+static int prepare_one_phase(kt_job *j);
+
 int kt_job_prepare(kt_job *job, int32_t pool_threads) {
+    job->prep_status = KT_OK;
+    job->one_phase = 0;
     if (job->kind == KT_JOB_FOR) {
         job->ops = NULL;
         job->n_phases = 1;
@@ -410,7 +427,7 @@ int kt_job_prepare(kt_job *job, int32_t pool_threads) {
     job->use_amx_min = m->amx_min_rows;
     job->n_rows = job->n_active = 0;
     memset(job->n_items, 0, sizeof job->n_items);
-    if (job->T > 0) job->n_items[KT_PH_ROUTE_QUANT] = 1 + ceil_div(job->T, KT_QCH);
+    if (job->T > 0 && !prepare_one_phase(job)) job->n_items[KT_PH_ROUTE_QUANT] = 1 + ceil_div(job->T, KT_QCH);
     return KT_OK;
 }
 
@@ -421,7 +438,11 @@ static int32_t panels_per_item(int32_t n_active, int32_t panels, int32_t nw) {
     return per < 1 ? 1 : (per > 8 ? 8 : (int32_t)per);
 }
 
-static void route(kt_job *j) {
+/* Sorts the (token, k) pairs routed to owned experts by expert into rows: each active
+ * expert's rows are contiguous, in token order, padded to a multiple of `pad` with rows of
+ * token -1. Fills tk_row, pair_token, row_w, active; sets n_rows, n_active. Returns 1 when an
+ * id is out of range (that pair adds nothing). */
+static int route_pairs(kt_job *j, int32_t pad) {
     kt_moe *m = j->moe;
     kt_ws *w = &j->ws;
     const int32_t E = m->d.n_experts, n = m->d.n_slots, T = j->T, K = j->K, P = T * K;
@@ -447,7 +468,7 @@ static void route(kt_job *j) {
         if (!w->counts[s]) continue;
         w->active[3 * na] = s, w->active[3 * na + 1] = rows, w->active[3 * na + 2] = w->counts[s];
         na++;
-        rows += (int32_t)kt_round_up(w->counts[s], KT_PANEL);
+        rows += (int32_t)kt_round_up(w->counts[s], pad);
     }
     for (int32_t p = 0; p < P; p++) {
         const int32_t s = w->tk_row[p];
@@ -458,13 +479,21 @@ static void route(kt_job *j) {
         }
         const int32_t r = w->row_off[s] + w->fill[s]++;
         w->pair_token[r] = p / K;
+        w->row_w[r] = j->w[p];
         w->tk_row[p] = r;
     }
     for (int32_t a = 0; a < na; a++)
-        for (int32_t r = w->active[3 * a + 1] + w->active[3 * a + 2]; r % KT_PANEL; r++) w->pair_token[r] = -1;
-    if (bad) atomic_fetch_or(&j->status, KT_E_IDS);
+        for (int32_t r = w->active[3 * a + 1] + w->active[3 * a + 2]; r % pad; r++) w->pair_token[r] = -1;
     j->n_rows = rows;
     j->n_active = na;
+    return bad;
+}
+
+static void route(kt_job *j) {
+    kt_moe *m = j->moe;
+    kt_ws *w = &j->ws;
+    if (route_pairs(j, KT_PANEL)) atomic_fetch_or(&j->status, KT_E_IDS);
+    const int32_t rows = j->n_rows, na = j->n_active;
     const int alias_h = (uint8_t *)w->h == w->hq;
     const int32_t npI = m->d.inter / KT_PANEL, npH = m->d.hidden / KT_PANEL;
     j->ppi_I = panels_per_item(na, npI, j->nw);
@@ -473,7 +502,7 @@ static void route(kt_job *j) {
     j->n_items[KT_PH_GATE_UP] = na * ceil_div(npI, j->ppi_I);
     j->n_items[KT_PH_QUANT_H] = alias_h ? 0 : ceil_div(rows, KT_RCH);
     j->n_items[KT_PH_DOWN] = na * ceil_div(npH, j->ppi_H);
-    j->n_items[KT_PH_REDUCE] = ceil_div(T, KT_TCH);
+    j->n_items[KT_PH_REDUCE] = ceil_div(j->T, KT_TCH);
 }
 
 static void quantize_x(kt_job *j, int32_t item) {
@@ -511,15 +540,24 @@ static void gather_x(kt_job *j, int32_t item) {
     }
 }
 
-static void gate_up_panel(kt_job *j, int32_t a, int32_t p, int32_t worker);
+static void gate_up_panel(kt_job *j, const kt_act *A, int32_t a, int32_t p, int32_t worker);
 
-static void gate_up(kt_job *j, int32_t item, int32_t worker) {
+/* Gate/up item `item` of a job whose items cover ppi_I panels of one active expert each. */
+static int32_t gate_up_item(kt_job *j, const kt_act *A, int32_t item, int32_t worker) {
     const int32_t npI = j->moe->d.inter / KT_PANEL, per = ceil_div(npI, j->ppi_I);
     const int32_t a = item / per, p0 = (item % per) * j->ppi_I, p1 = min32(npI, p0 + j->ppi_I);
-    for (int32_t p = p0; p < p1; p++) gate_up_panel(j, a, p, worker);
+    for (int32_t p = p0; p < p1; p++) gate_up_panel(j, A, a, p, worker);
+    return a;
 }
 
-static void gate_up_panel(kt_job *j, int32_t a, int32_t p, int32_t worker) {
+static void gate_up(kt_job *j, int32_t item, int32_t worker) {
+    const kt_ws *w = &j->ws;
+    const kt_act A = {w->xa, w->xrow, w->xas, w->xasum, j->moe->gate.ngroups};
+    gate_up_item(j, &A, item, worker);
+}
+
+/* h rows of active expert a, panel p: h = act(gate x) * (up x), x rows from A. */
+static void gate_up_panel(kt_job *j, const kt_act *A, int32_t a, int32_t p, int32_t worker) {
     kt_moe *m = j->moe;
     kt_ws *w = &j->ws;
     const kt_isa_ops *ops = j->ops;
@@ -528,26 +566,26 @@ static void gate_up_panel(kt_job *j, int32_t a, int32_t p, int32_t worker) {
     uint8_t *scratch = w->scratch + worker * w->scratch_bytes;
     float *sg = (float *)scratch, *su = sg + KT_MCH * KT_PANEL;
     uint8_t *amx_scratch = (uint8_t *)(su + KT_MCH * KT_PANEL);
-    const kt_act A = {w->xa, w->xrow, w->xas, w->xasum, m->gate.ngroups};
     const int use_amx = ops->gemm_amx && cnt >= j->use_amx_min;
     for (int32_t m0 = 0; m0 < cnt; m0 += KT_MCH) {
         const int32_t mc = min32(KT_MCH, cnt - m0);
         if (use_amx) {
             const int32_t mp = (int32_t)kt_round_up(mc, KT_PANEL);
-            ops->gemm_amx(&m->fmt, &m->gate, slot, p, 1, &A, off + m0, mp, sg, KT_PANEL, amx_scratch);
-            ops->gemm_amx(&m->fmt, &m->up, slot, p, 1, &A, off + m0, mp, su, KT_PANEL, amx_scratch);
+            ops->gemm_amx(&m->fmt, &m->gate, slot, p, 1, A, off + m0, mp, sg, KT_PANEL, amx_scratch);
+            ops->gemm_amx(&m->fmt, &m->up, slot, p, 1, A, off + m0, mp, su, KT_PANEL, amx_scratch);
         } else {
-            ops->gemm(&m->fmt, &m->gate, slot, p, 1, &A, off + m0, mc, sg, KT_PANEL);
-            ops->gemm(&m->fmt, &m->up, slot, p, 1, &A, off + m0, mc, su, KT_PANEL);
+            ops->gemm(&m->fmt, &m->gate, slot, p, 1, A, off + m0, mc, sg, KT_PANEL);
+            ops->gemm(&m->fmt, &m->up, slot, p, 1, A, off + m0, mc, su, KT_PANEL);
         }
         ops->act_mul(m->d.act, w->h + (int64_t)(off + m0) * I + p * KT_PANEL, I, sg, su, KT_PANEL, mc, KT_PANEL);
     }
 }
 
-static void quantize_h(kt_job *j, int32_t item) {
+/* h rows r0..r1-1 to the down kernel's activation format (padding rows: zeros). */
+static void quantize_h_rows(kt_job *j, int32_t r0, int32_t r1) {
     kt_moe *m = j->moe;
     kt_ws *w = &j->ws;
-    const int32_t r0 = item * KT_RCH, r1 = min32(j->n_rows, r0 + KT_RCH), I = m->d.inter, gi = m->down.ngroups;
+    const int32_t I = m->d.inter, gi = m->down.ngroups;
     const size_t bytes = (size_t)I * kt_act_elem_bytes(m->d.format, j->ops->level);
     for (int32_t r = r0; r < r1; r++) {
         uint8_t *dst = w->hq + r * w->hrow;
@@ -561,6 +599,8 @@ static void quantize_h(kt_job *j, int32_t item) {
         }
     }
 }
+
+static void quantize_h(kt_job *j, int32_t item) { quantize_h_rows(j, item * KT_RCH, min32(j->n_rows, (item + 1) * KT_RCH)); }
 
 static void down(kt_job *j, int32_t item, int32_t worker) {
     kt_moe *m = j->moe;
@@ -577,6 +617,113 @@ static void down(kt_job *j, int32_t item, int32_t worker) {
                       amx_scratch);
     } else {
         ops->gemm(&m->fmt, &m->down, slot, p0, np, &A, off, cnt, out, H);
+    }
+}
+
+/* ------------------------------------------------------------------ one-phase decode
+ *
+ * A few tokens whose experts all run on the vector kernels (a decode step) skip the six
+ * phases: at one token their barriers, gathers and hand-offs cost more than streaming a small
+ * expert's weights. The submitting thread routes the pairs (rows unpadded) and quantises x
+ * while preparing; the workers' one phase has the gate/up items (expert-major, x rows read in
+ * place through A.rows) followed by the down items. The worker that finishes an expert's last
+ * gate/up item quantises that expert's h rows and counts the expert ready. A down item (a
+ * range of H panels over every active expert, weighted by the routing and written straight to
+ * y) first waits until every expert is ready. Items are taken in order from one counter, so
+ * when anyone waits, every gate/up item is already being run: the wait cannot deadlock.
+ */
+
+/* Panels per item: about KT_ITEMS_PER_WORKER items per worker, each at most KT_ITEM_MAX_BYTES
+ * of weights, from 1 to max_panels panels of `panel_bytes`. */
+static int32_t panels_for_items(int64_t total_bytes, int64_t panel_bytes, int32_t max_panels, int32_t nw) {
+    if (panel_bytes <= 0) return max_panels;
+    int64_t per = total_bytes / ((int64_t)KT_ITEMS_PER_WORKER * (nw > 0 ? nw : 1)) / panel_bytes;
+    if (per > KT_ITEM_MAX_BYTES / panel_bytes) per = KT_ITEM_MAX_BYTES / panel_bytes;
+    if (per > max_panels) per = max_panels;
+    return per < 1 ? 1 : (int32_t)per;
+}
+
+/* Sets the job up for one phase when it qualifies; returns 0 (job untouched but for routing
+ * scratch) when the phased path must run it. */
+static int prepare_one_phase(kt_job *j) {
+    kt_moe *m = j->moe;
+    kt_ws *w = &j->ws;
+    const int32_t T = j->T, H = m->d.hidden, I = m->d.inter;
+    if (T > m->decode_tokens) return 0;
+    const int bad = route_pairs(j, 1);
+    const int32_t na = j->n_active;
+    for (int32_t a = 0; a < na; a++)
+        if (j->ops->gemm_amx && w->active[3 * a + 2] >= j->use_amx_min) return 0;
+    if (bad) j->prep_status |= KT_E_IDS;
+    j->ops->quantize(&m->fmt, H, m->gate.group, j->x, j->x_dtype, H, w->xq, w->xrow, w->xs, w->xsum,
+                     m->gate.ngroups, T);
+    const int32_t npI = I / KT_PANEL, npH = H / KT_PANEL;
+    const int64_t gu_panel = m->gate.w_panel + m->up.w_panel, down_step = (int64_t)na * m->down.w_panel;
+    j->ppi_I = panels_for_items((int64_t)na * npI * gu_panel, gu_panel, npI, j->nw);
+    /* a down item's scratch: [8][cols] rows of one expert + [T][cols] sums, cols = 16 * panels,
+     * each at most KT_MCH x 16 floats */
+    j->ppi_H = panels_for_items((int64_t)npH * down_step, down_step, min32(npH, KT_MCH / (T > 8 ? T : 8)), j->nw);
+    const int32_t per = ceil_div(npI, j->ppi_I);
+    for (int32_t a = 0; a < na; a++) atomic_store_explicit(&w->gu_left[a], per, memory_order_relaxed);
+    j->n_gu_items = na * per;
+    j->n_items[0] = j->n_gu_items + ceil_div(npH, j->ppi_H);
+    j->n_phases = 1;
+    j->one_phase = 1;
+    return 1;
+}
+
+static void wait_experts_ready(kt_job *j) {
+    unsigned spins = 0;
+    while (atomic_load_explicit(&j->ready, memory_order_acquire) < j->n_active) {
+        __builtin_ia32_pause();
+        if (++spins % 4096 == 0) sched_yield(); /* an oversubscribed host must not livelock */
+    }
+}
+
+/* Down item d: H panels [p0, p0 + np) of y = sum over active experts and their rows of
+ * row_w * (down h), accumulated in fp32 and stored once in y's dtype. */
+static void down_all_experts(kt_job *j, int32_t d, int32_t worker) {
+    kt_moe *m = j->moe;
+    kt_ws *w = &j->ws;
+    const int32_t H = m->d.hidden, p0 = d * j->ppi_H, np = min32(H / KT_PANEL - p0, j->ppi_H), cols = np * KT_PANEL;
+    float *rows_out = (float *)(w->scratch + worker * w->scratch_bytes); /* [8][cols] */
+    float *sums = rows_out + KT_MCH * KT_PANEL;                            /* [T][cols] */
+    memset(sums, 0, sizeof(float) * (size_t)j->T * (size_t)cols);
+    const kt_act A = {w->hq, w->hrow, w->hs, w->hsum, m->down.ngroups};
+    for (int32_t a = 0; a < j->n_active; a++) {
+        const int32_t slot = w->active[3 * a], off = w->active[3 * a + 1], cnt = w->active[3 * a + 2];
+        if (a + 1 < j->n_active) { /* the next expert's run starts cold: ask for its first lines */
+            const uint8_t *next = m->down.w + w->active[3 * a + 3] * m->down.w_slot + p0 * m->down.w_panel;
+            for (int64_t b = 0; b < 1024 && b < np * m->down.w_panel; b += 64) __builtin_prefetch(next + b);
+        }
+        for (int32_t r0 = 0; r0 < cnt; r0 += 8) {
+            const int32_t rows = min32(8, cnt - r0);
+            j->ops->gemm(&m->fmt, &m->down, slot, p0, np, &A, off + r0, rows, rows_out, cols);
+            for (int32_t r = 0; r < rows; r++) {
+                const float wr = w->row_w[off + r0 + r];
+                const float *src = rows_out + (int64_t)r * cols;
+                float *dst = sums + (int64_t)w->pair_token[off + r0 + r] * cols;
+                for (int32_t c = 0; c < cols; c++) dst[c] += wr * src[c];
+            }
+        }
+    }
+    uint8_t *y = (uint8_t *)j->y + (int64_t)p0 * KT_PANEL * (j->y_dtype == KT_DT_F32 ? 4 : 2);
+    j->ops->store_rows(y, j->y_dtype, H, sums, cols, NULL, j->T, cols);
+}
+
+static void one_phase_item(kt_job *j, int32_t item, int32_t worker) {
+    kt_ws *w = &j->ws;
+    if (item >= j->n_gu_items) {
+        wait_experts_ready(j);
+        down_all_experts(j, item - j->n_gu_items, worker);
+        return;
+    }
+    const kt_act A = {w->xq, w->xrow, w->xs, w->xsum, j->moe->gate.ngroups, w->pair_token};
+    const int32_t a = gate_up_item(j, &A, item, worker);
+    if (atomic_fetch_sub_explicit(&w->gu_left[a], 1, memory_order_acq_rel) == 1) { /* the expert's last */
+        const int32_t off = w->active[3 * a + 1];
+        if ((uint8_t *)w->h != w->hq) quantize_h_rows(j, off, off + w->active[3 * a + 2]);
+        atomic_fetch_add_explicit(&j->ready, 1, memory_order_release);
     }
 }
 
@@ -603,6 +750,10 @@ void kt_job_item(kt_job *j, int32_t phase, int32_t item, int32_t worker) {
         const kt_moe *m = j->moe;
         const int32_t t0 = item * KT_TCH, t1 = min32(j->T, t0 + KT_TCH);
         j->ops->reduce(j->y, j->y_dtype, m->d.hidden, m->partial, m->sum_rows, m->ones, m->n_parts, t0, t1);
+        return;
+    }
+    if (j->one_phase) {
+        one_phase_item(j, item, worker);
         return;
     }
     switch (phase) {

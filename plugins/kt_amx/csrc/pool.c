@@ -318,13 +318,9 @@ int kt_pool_submit_job(kt_job *job) {
         pthread_mutex_unlock(&pool->submit_mu);
         return status;
     }
-    for (int p = 0; p < KT_NUM_PHASES; p++) atomic_store_explicit(&job->next[p], 0, memory_order_relaxed);
-    atomic_store_explicit(&job->for_next, 0, memory_order_relaxed);
-    atomic_store(&job->bar_count, 0);
-    atomic_store(&job->bar_gen, 0);
+    kt_job_reset_run(job);
     atomic_store(&job->finished, 0);
     atomic_store(&job->done, 0);
-    atomic_store(&job->status, KT_OK);
     job->submitted = 1;
     pool->current = job;
     pthread_mutex_lock(&pool->mu);
