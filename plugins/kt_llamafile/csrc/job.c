@@ -1,16 +1,16 @@
 /* Asynchronous experts jobs (the job protocol of ktcore's HostExpertsRunner, DESIGN section 5).
  *
  * A job is bound once to fixed buffers (static pinned tensors in a CUDA graph) and owns the
- * fp32 / int32 staging it needs: x32 [t, hidden] when x is bf16, y32 [t, hidden] when y is
- * bf16, ids32 [t * topk] when ids are int64. A run (on the pool's dispatcher thread, see
- * pool.c) converts the inputs in parallel, runs ktl_experts on the pool and converts y back
- * (bf16: round to nearest even, as torch's .to(torch.bfloat16), so a job's y is bit-identical
- * to the synchronous forward's).
+ * experts workspace for its t tokens x topk (experts.c: routing, quantised x and h, fp32
+ * staging of bf16 x / y), so a run allocates nothing. A run (on the pool's dispatcher thread,
+ * see pool.c) is ktl_experts_run on the bound buffers: bf16 x is read and int64 ids narrowed
+ * by the run itself, y written in its dtype (bf16: round to nearest even, as torch's
+ * .to(torch.bfloat16), so a job's y is bit-identical to the synchronous forward's); with
+ * t * topk <= 64 that is one pool run.
  *
  * submit posts the job and returns; wait blocks until it is done and returns the run's status.
  * ktl_host_submit / ktl_host_wait are the same two as void (*)(void *) for cudaLaunchHostFunc. */
 #include <stdlib.h>
-#include <string.h>
 
 #include "ktl_internal.h"
 
@@ -19,82 +19,18 @@ struct ktl_job {
     ktl_pool *pool;
     ktl_experts_desc desc;
     int64_t t, topk;
-    const void *x;
-    int x_dtype, y_dtype, ids_int64;
-    const void *ids;
-    const float *weights;
-    void *y;
-    float *x32, *y32; /* staging for bf16 x / y, else NULL */
-    int32_t *ids32;   /* staging for int64 ids, else NULL */
+    ktl_experts_io io;
+    ktl_experts_ws *ws; /* NULL when the layer is invalid: runs report desc_rc */
+    int desc_rc;
     int submitted;
     _Atomic int status;
 };
 
 enum { DT_F32 = 0, DT_BF16 = 1 };
-#define ROWS_PER_ITEM 8
-
-static float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN: torch's quiet NaN */
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-typedef struct {
-    ktl_job *job;
-    int to_bf16; /* 0: x bf16 -> x32, 1: y32 -> y bf16 */
-} convert_ctx;
-
-static void convert_rows(void *raw, int64_t item, int worker) {
-    (void)worker;
-    const convert_ctx *c = raw;
-    const ktl_job *j = c->job;
-    int64_t h = j->desc.hidden;
-    int64_t r0 = item * ROWS_PER_ITEM, r1 = r0 + ROWS_PER_ITEM;
-    if (r1 > j->t) r1 = j->t;
-    if (c->to_bf16) {
-        uint16_t *dst = j->y;
-        for (int64_t i = r0 * h; i < r1 * h; i++) dst[i] = f32_to_bf16(j->y32[i]);
-    } else {
-        const uint16_t *src = j->x;
-        for (int64_t i = r0 * h; i < r1 * h; i++) j->x32[i] = bf16_to_f32(src[i]);
-    }
-}
-
-static void convert(ktl_job *j, int to_bf16) {
-    convert_ctx c = {j, to_bf16};
-    ktl_pool_run(j->pool, convert_rows, &c, (j->t + ROWS_PER_ITEM - 1) / ROWS_PER_ITEM);
-}
-
-static int narrow_ids(ktl_job *j) {
-    const int64_t *src = j->ids;
-    int64_t n = j->t * j->topk, e = j->desc.num_experts;
-    for (int64_t i = 0; i < n; i++) {
-        if (src[i] < 0 || src[i] > e) return KTL_ERR_IDS;
-        j->ids32[i] = (int32_t)src[i];
-    }
-    return 0;
-}
 
 static void job_run(ktl_async *task) {
     ktl_job *j = (ktl_job *)task;
-    int rc = 0;
-    if (j->ids32) rc = narrow_ids(j);
-    if (rc == 0) {
-        if (j->x32) convert(j, 0);
-        const float *x = j->x32 ? j->x32 : j->x;
-        const int32_t *ids = j->ids32 ? j->ids32 : j->ids;
-        float *y = j->y32 ? j->y32 : j->y;
-        rc = ktl_experts(j->pool, &j->desc, x, j->t, ids, j->topk, j->weights, y);
-        if (rc == 0 && j->y32) convert(j, 1);
-    }
+    int rc = j->desc_rc ? j->desc_rc : ktl_experts_run(j->pool, &j->desc, j->ws, j->t, j->topk, &j->io);
     atomic_store_explicit(&j->status, rc, memory_order_relaxed);
 }
 
@@ -112,20 +48,10 @@ ktl_job *ktl_job_create(ktl_pool *pool, const ktl_experts_desc *desc, int64_t t,
     j->desc = *desc;
     j->t = t;
     j->topk = topk;
-    j->x = x;
-    j->x_dtype = x_dtype;
-    j->ids = ids;
-    j->ids_int64 = ids_int64;
-    j->weights = weights;
-    j->y = y;
-    j->y_dtype = y_dtype;
-    size_t act = (size_t)(t * desc->hidden) * sizeof(float);
-    int fail = 0;
-    if (x_dtype == DT_BF16) fail |= !(j->x32 = malloc(act ? act : 1));
-    if (y_dtype == DT_BF16) fail |= !(j->y32 = malloc(act ? act : 1));
-    if (ids_int64 && topk > 0) fail |= !(j->ids32 = malloc((size_t)(t * topk) * sizeof(int32_t)));
-    if (fail) {
-        ktl_job_destroy(j);
+    j->io = (ktl_experts_io){x, x_dtype == DT_BF16, ids, ids_int64 != 0, weights, y, y_dtype == DT_BF16};
+    j->desc_rc = ktl_experts_check(desc);
+    if (j->desc_rc == 0 && !(j->ws = ktl_experts_ws_create(desc, t, topk, j->io.x_bf16, j->io.y_bf16))) {
+        free(j);
         return NULL;
     }
     return j;
@@ -134,9 +60,7 @@ ktl_job *ktl_job_create(ktl_pool *pool, const ktl_experts_desc *desc, int64_t t,
 void ktl_job_destroy(ktl_job *j) {
     if (!j) return;
     if (j->submitted) ktl_pool_await(j->pool, &j->async);
-    free(j->x32);
-    free(j->y32);
-    free(j->ids32);
+    ktl_experts_ws_destroy(j->ws);
     free(j);
 }
 

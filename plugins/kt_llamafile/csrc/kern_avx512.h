@@ -1,7 +1,9 @@
 /* AVX-512 kernels (KTL_ISA == 2: F, BW, VL, VNNI). Included by kernels.c only.
  *
  * Tiles of RM = 4 weight rows x RN = 4 tokens (K types: 1 row x 8 tokens), one zmm accumulator
- * each; with one token, one row at a time (kernels.c) and two accumulator sets.
+ * each. With one token the quantised types Q4_0..Q8_0, Q4_K and Q6_K run gemv_<name> (one row at
+ * a time, every 4 rows reduced together; Q4_K/Q6_K with a cheaper block dot, see "K types, one
+ * token"); the float types, Q2_K, Q3_K and Q5_K walk 1 x 1 tiles (kernels.c).
  *  - float types: 16 weights per step converted to fp32 (F16 vcvtph2ps, BF16 a shift), FMA.
  *  - 32-element types: two blocks per zmm; codes decoded to unsigned bytes in element order,
  *    vpdpbusd with the int8 activations; the code offset (8, 16, or 128 for Q8_0, whose int8
@@ -123,6 +125,47 @@ DEFINE_TILE_FLOAT(f32, 4)
 DEFINE_TILE_FLOAT(f16, 2)
 DEFINE_TILE_FLOAT(bf16, 2)
 
+/* ---------------------------------------------------------------- one token (GEMV) */
+
+/* the sums of 4 zmm -> one xmm [sum a0, sum a1, sum a2, sum a3] */
+KTL_INLINE __m128 reduce4_ps(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+    __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1)); /* a0 a1 a0 a1 */
+    __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+    __m512 s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))));
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* rows r..r+rm-1 (rm <= 4) of the one token, as store_tile does it: (alpha *) sum, (+=) */
+KTL_INLINE void store_row_sums(const ktl_gemm_args *a, int64_t r, int rm, __m128 sums) {
+    float *o = a->out + (a->orow ? (int64_t)a->orow[0] : 0) * a->out_stride + r;
+    __mmask8 m = (__mmask8)((1u << rm) - 1);
+    if (a->alpha) sums = _mm_mul_ps(sums, _mm_set1_ps(a->alpha[0]));
+    if (a->accumulate) sums = _mm_add_ps(_mm_maskz_loadu_ps(m, o), sums);
+    _mm_mask_storeu_ps(o, m, sums);
+}
+
+/* gemv_<name>(args, r0, r1): one token, rows one at a time (one sequential stream) from
+ * row1_<name>(args, row, x) -> the row's lane sums; every 4 rows reduced and stored together
+ * (one transposing reduction instead of 4 horizontal ones: the tail of a short row, e.g. the
+ * 3 blocks of a 768-value row, cost as much as a block). */
+#define DEFINE_GEMV_ROWS(name)                                                                     \
+    static void gemv_##name(const ktl_gemm_args *args, int64_t r0, int64_t r1) {                   \
+        ktl_gemm_args whole = *args; /* the row sums run over all k values */                     \
+        whole.k0 = 0;                                                                              \
+        whole.k1 = args->k;                                                                        \
+        const ktl_gemm_args *a = &whole;                                                           \
+        const uint8_t *x = act_row(a, 0);                                                          \
+        for (int64_t r = r0; r < r1; r += 4) {                                                     \
+            int rm = r1 - r < 4 ? (int)(r1 - r) : 4;                                               \
+            __m512 acc[4];                                                                         \
+            for (int i = 0; i < 4; i++)                                                            \
+                acc[i] = i < rm ? row1_##name(a, a->w + (r + i) * a->row_bytes, x) : _mm512_setzero_ps(); \
+            store_row_sums(a, r, rm, reduce4_ps(acc[0], acc[1], acc[2], acc[3]));                  \
+        }                                                                                          \
+    }
+
 /* ---------------------------------------------------------------- 32-element types, two blocks */
 
 typedef struct {
@@ -221,11 +264,9 @@ KTL_INLINE void token_pair(const ktl_gemm_args *a, const uint8_t *x, int64_t p, 
             }                                                                                      \
         }                                                                                          \
     }                                                                                              \
-    KTL_INLINE void tile_##name(const ktl_gemm_args *a, const uint8_t *w, const uint8_t *const *x, \
-                                int rm, int rn, float *c) {                                        \
-        __m512 acc[RM][RN];                                                                        \
-        for (int i = 0; i < rm; i++)                                                               \
-            for (int j = 0; j < rn; j++) acc[i][j] = _mm512_setzero_ps();                          \
+    /* acc (zeroed by the caller) += the tile's sums, per lane */                                  \
+    KTL_INLINE void sums_##name(const ktl_gemm_args *a, const uint8_t *w, const uint8_t *const *x, \
+                                int rm, int rn, __m512 acc[RM][RN]) {                              \
         /* pairs [k0/64, k1/64), and the last odd block when the part ends the row */              \
         int64_t nb = a->k / KTL_QK, p = a->k0 / 64, p1 = a->k1 / 64;                               \
         if (rm * rn <= 2) { /* small tile: two accumulator sets, even and odd pairs */             \
@@ -241,9 +282,24 @@ KTL_INLINE void token_pair(const ktl_gemm_args *a, const uint8_t *x, int64_t p, 
         }                                                                                          \
         for (; p < p1; p++) pair_##name(a, w, x, rm, rn, p, 1, acc);                               \
         if ((nb & 1) && a->k1 == a->k) pair_##name(a, w, x, rm, rn, nb / 2, 0, acc);               \
+    }                                                                                              \
+    KTL_INLINE void tile_##name(const ktl_gemm_args *a, const uint8_t *w, const uint8_t *const *x, \
+                                int rm, int rn, float *c) {                                        \
+        __m512 acc[RM][RN];                                                                        \
+        for (int i = 0; i < rm; i++)                                                               \
+            for (int j = 0; j < rn; j++) acc[i][j] = _mm512_setzero_ps();                          \
+        sums_##name(a, w, x, rm, rn, acc);                                                         \
         for (int i = 0; i < rm; i++)                                                               \
             for (int j = 0; j < rn; j++) c[i * RN + j] = _mm512_reduce_add_ps(acc[i][j]);          \
-    }
+    }                                                                                              \
+    /* one token: a row's lane sums (sums_, 1 x 1) */                                              \
+    KTL_INLINE __m512 row1_##name(const ktl_gemm_args *a, const uint8_t *w, const uint8_t *x) {    \
+        __m512 acc[RM][RN];                                                                        \
+        acc[0][0] = _mm512_setzero_ps();                                                           \
+        sums_##name(a, w, &x, 1, 1, acc);                                                          \
+        return acc[0][0];                                                                          \
+    }                                                                                              \
+    DEFINE_GEMV_ROWS(name)
 
 DEFINE_TILE32(q4_0, 18, 3, 0)
 DEFINE_TILE32(q4_1, 20, 0, 1)
@@ -440,16 +496,123 @@ DEFINE_TILEK(q4_k, 144, 1)
 DEFINE_TILEK(q5_k, 176, 1)
 DEFINE_TILEK(q6_k, 210, 0)
 
+/* ---------------------------------------------------------------- K types, one token (GEMV) */
+
+/* With one token the tile's work per block is all weight-side, so the block dot is made
+ * cheaper: vpdpbusd sums 4 code x activation products per int32 lane (at most 4 * 63 * 127 =
+ * 32004, Q6_K: it fits int16), vpackssdw packs two such zmm (no saturation), and one vpdpwssd
+ * per packed pair applies the per-16/32 scales: 4 + 2 + 2 instructions and 2 scale vectors per
+ * block instead of 4 vpmaddubsw + 4 vpdpwssd and 4 scale vectors. After the pack, 128-bit lane
+ * L of pack(D0, D1) holds lanes 4L..4L+3 of D0 then of D1; its scale vector holds the matching
+ * scales, 4 int16 each. Rows are walked one at a time (one sequential stream); every 4 rows
+ * are reduced and stored together. */
+typedef struct {
+    __m512i q[4];  /* 256 unsigned codes, in the order of the activations */
+    __m512i sc[2]; /* int16 scales of pack(D0, D1) and pack(D2, D3) */
+    __m256i corr;  /* int16 per 16 codes: offset*scale, or the min */
+    float d, dmin;
+} kdec1;
+
+/* Q4_K (Q8_KP order): D0 holds groups 0 (lanes 0-7) and 2, D1 groups 1 and 3, D2 4 and 6, D3 5
+ * and 7: lanes 0-1 of pack(D0, D1) want sc0 x4 sc1 x4, lanes 2-3 sc2 x4 sc3 x4 (zero-extended
+ * bytes of k4_scales_simd) */
+static const int8_t K4_SC1_CTRL[2][64] = {
+#define Z4(v) v, -128, v, -128, v, -128, v, -128
+#define L2(a, b) Z4(a), Z4(b)
+    {L2(0, 1), L2(0, 1), L2(2, 3), L2(2, 3)}, {L2(4, 5), L2(4, 5), L2(6, 7), L2(6, 7)},
+#undef L2
+#undef Z4
+};
+
+KTL_INLINE void kdec1_q4_k(const uint8_t *b, kdec1 *o) {
+    const uint8_t *qs = b + Q4_K_QS;
+    __m512i m4 = _mm512_set1_epi8(15);
+    for (int h = 0; h < 2; h++) {
+        __m512i v = _mm512_loadu_si512((const void *)(qs + 64 * h));
+        o->q[2 * h] = _mm512_and_si512(v, m4);
+        o->q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+    }
+    __m128i head = _mm_loadu_si128((const __m128i *)b);
+    __m512i r = _mm512_broadcast_i32x4(k4_scales_simd(head));
+    for (int c = 0; c < 2; c++) o->sc[c] = _mm512_shuffle_epi8(r, _mm512_loadu_si512((const void *)K4_SC1_CTRL[c]));
+    o->corr = _mm256_shuffle_epi8(_mm512_castsi512_si256(r), _mm256_loadu_si256((const __m256i *)K4_MIN_CTRL));
+    __m128 dd = _mm_cvtph_ps(head); /* d, dmin */
+    o->d = _mm_cvtss_f32(dd);
+    o->dmin = _mm_cvtss_f32(_mm_movehdup_ps(dd));
+}
+
+/* Q6_K (natural order, zmm c = values 64c..64c+63): lane L of pack(D0, D1) holds 16-groups L
+ * and 4 + L, of pack(D2, D3) 8 + L and 12 + L. The int8 scales go to the high byte of each
+ * int16 (vpshufb), then an arithmetic shift sign-extends them. */
+static const int8_t K6_SC1_CTRL[2][64] = {
+#define H4(v) -128, v, -128, v, -128, v, -128, v
+#define L2(a, b) H4(a), H4(b)
+    {L2(0, 4), L2(1, 5), L2(2, 6), L2(3, 7)}, {L2(8, 12), L2(9, 13), L2(10, 14), L2(11, 15)},
+#undef L2
+#undef H4
+};
+
+KTL_INLINE void kdec1_q6_k(const uint8_t *b, kdec1 *o) {
+    __m512i m4 = _mm512_set1_epi8(15), m30 = _mm512_set1_epi8(0x30);
+    __m512i sh_a = _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4), sh_b = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);
+    for (int h = 0; h < 2; h++) {
+        __m512i l = _mm512_loadu_si512((const void *)(b + Q6_K_QL + 64 * h));
+        __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + Q6_K_QH + 32 * h)));
+        __m512i lo = _mm512_and_si512(l, m4), hi = _mm512_and_si512(_mm512_srli_epi16(l, 4), m4);
+        o->q[2 * h] = _mm512_or_si512(lo, _mm512_and_si512(_mm512_sllv_epi64(qh, sh_a), m30));
+        o->q[2 * h + 1] = _mm512_or_si512(hi, _mm512_and_si512(_mm512_srlv_epi64(qh, sh_b), m30));
+    }
+    __m128i s8 = _mm_loadu_si128((const __m128i *)(b + Q6_K_SC));
+    __m512i r = _mm512_broadcast_i32x4(s8);
+    for (int c = 0; c < 2; c++)
+        o->sc[c] = _mm512_srai_epi16(_mm512_shuffle_epi8(r, _mm512_loadu_si512((const void *)K6_SC1_CTRL[c])), 8);
+    o->corr = _mm256_slli_epi16(_mm256_cvtepi8_epi16(s8), 5);
+    o->d = h2f(b + Q6_K_D);
+    o->dmin = 0.0f;
+}
+
+/* acc += this block's scaled sum (16 lanes; with mins, accm += the min term, 8 lanes) */
+KTL_INLINE void kdot1(const kdec1 *w, const int8_t *xq, const int16_t *bs, float dx, int has_min, __m512 *acc,
+                      __m256 *accm) {
+    __m512i z = _mm512_setzero_si512(), d[4];
+    for (int c = 0; c < 4; c++) d[c] = _mm512_dpbusd_epi32(z, w->q[c], _mm512_loadu_si512((const void *)(xq + 64 * c)));
+    __m512i isum = _mm512_dpwssd_epi32(z, _mm512_packs_epi32(d[0], d[1]), w->sc[0]);
+    isum = _mm512_dpwssd_epi32(isum, _mm512_packs_epi32(d[2], d[3]), w->sc[1]);
+    __m256i corr = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)bs), w->corr);
+    if (!has_min) isum = _mm512_sub_epi32(isum, _mm512_zextsi256_si512(corr));
+    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(w->d * dx), *acc);
+    if (has_min) *accm = _mm256_fmadd_ps(_mm256_cvtepi32_ps(corr), _mm256_set1_ps(w->dmin * dx), *accm);
+}
+
+#define DEFINE_GEMV_K(name, BS, HAS_MIN)                                                          \
+    KTL_INLINE __m512 row1_##name(const ktl_gemm_args *a, const uint8_t *w, const uint8_t *x) {   \
+        const float *dx = (const float *)(x + a->lay.d_off);                                       \
+        const int16_t *bs = (const int16_t *)(x + a->lay.s_off);                                   \
+        __m512 acc = _mm512_setzero_ps();                                                          \
+        __m256 accm = _mm256_setzero_ps();                                                         \
+        for (int64_t b = 0; b < a->k / KTL_QKK; b++) {                                             \
+            kdec1 dw;                                                                              \
+            PREFETCH_AHEAD(w + b * (BS));                                                          \
+            kdec1_##name(w + b * (BS), &dw);                                                       \
+            kdot1(&dw, (const int8_t *)x + KTL_QKK * b, bs + 16 * b, dx[b], HAS_MIN, &acc, &accm); \
+        }                                                                                          \
+        return HAS_MIN ? _mm512_sub_ps(acc, _mm512_zextps256_ps512(accm)) : acc;                   \
+    }                                                                                              \
+    DEFINE_GEMV_ROWS(name)
+
+DEFINE_GEMV_K(q4_k, 144, 1)
+DEFINE_GEMV_K(q6_k, 210, 0)
+
 DEFINE_GEMM(f32, RM, RN)
 DEFINE_GEMM(f16, RM, RN)
 DEFINE_GEMM(bf16, RM, RN)
-DEFINE_GEMM(q4_0, RM, RN)
-DEFINE_GEMM(q4_1, RM, RN)
-DEFINE_GEMM(q5_0, RM, RN)
-DEFINE_GEMM(q5_1, RM, RN)
-DEFINE_GEMM(q8_0, RM, RN)
+DEFINE_GEMM_GEMV(q4_0, RM, RN)
+DEFINE_GEMM_GEMV(q4_1, RM, RN)
+DEFINE_GEMM_GEMV(q5_0, RM, RN)
+DEFINE_GEMM_GEMV(q5_1, RM, RN)
+DEFINE_GEMM_GEMV(q8_0, RM, RN)
 DEFINE_GEMM(q2_k, KRM, KRN)
 DEFINE_GEMM(q3_k, KRM, KRN)
-DEFINE_GEMM(q4_k, KRM, KRN)
+DEFINE_GEMM_GEMV(q4_k, KRM, KRN)
 DEFINE_GEMM(q5_k, KRM, KRN)
-DEFINE_GEMM(q6_k, KRM, KRN)
+DEFINE_GEMM_GEMV(q6_k, KRM, KRN)

@@ -24,9 +24,11 @@
 
 /* ------------------------------------------------------------------ tile driver */
 
-/* Rows per tile when there is one token (GEMV): 1 walks the weights as one sequential stream.
- * Measured on Zen 4 (2 threads, DRAM-resident 7168x2048 sets): interleaving 4 rows, with or
- * without software prefetch, reads the weights markedly slower. Tuning: -DKTL_GEMV_RM=4. */
+/* Rows per tile when there is one token (GEMV) and the type has no gemv_<name> kernel (AVX-512
+ * has them for Q4_0..Q8_0, Q4_K, Q6_K; they walk rows one at a time): 1 walks the weights as one
+ * sequential stream. Measured on Zen 4 (2 threads, DRAM-resident 7168x2048 sets): interleaving
+ * 4 rows, with or without software prefetch, reads the weights markedly slower. Tuning:
+ * -DKTL_GEMV_RM=4. */
 #ifndef KTL_GEMV_RM
 #define KTL_GEMV_RM 1
 #endif
@@ -71,13 +73,13 @@ KTL_INLINE void store_tile(const ktl_gemm_args *a, int64_t r, int64_t j0, int rm
     }
 }
 
-/* Defines gemm_<name>(args, r0, r1) from an always-inline
+/* Defines tiled_<name>(args, r0, r1) from an always-inline
  *     tile_<name>(const ktl_gemm_args *a, const uint8_t *w, const uint8_t *const *x, int rm, int rn, float *c)
  * computing c[i*RN_MAX + j] = dot(row w + i*row_bytes, token row x[j]) for i < rm, j < rn,
  * over the values [a->k0, a->k1) of the rows, called only with (rm, rn) in {RM_MAX, 1} x
  * {RN_MAX, 4 (when RN_MAX > 4), 2, 1} so that each instance unrolls. */
-#define DEFINE_GEMM(name, RM_MAX, RN_MAX)                                                          \
-    static void gemm_##name(const ktl_gemm_args *args, int64_t r0, int64_t r1) {                   \
+#define DEFINE_TILED(name, RM_MAX, RN_MAX)                                                         \
+    static void tiled_##name(const ktl_gemm_args *args, int64_t r0, int64_t r1) {                  \
         ktl_gemm_args part = *args;                                                                \
         const ktl_gemm_args *a = &part;                                                            \
         int64_t kc = k_chunk(args);                                                                \
@@ -114,6 +116,21 @@ KTL_INLINE void store_tile(const ktl_gemm_args *a, int64_t r, int64_t j0, int rm
                 }                                                                                  \
             }                                                                                      \
         }                                                                                          \
+    }
+
+/* gemm_<name>: the tiled driver for any number of tokens */
+#define DEFINE_GEMM(name, RM_MAX, RN_MAX)                                                          \
+    DEFINE_TILED(name, RM_MAX, RN_MAX)                                                             \
+    static void gemm_##name(const ktl_gemm_args *a, int64_t r0, int64_t r1) { tiled_##name(a, r0, r1); }
+
+/* gemm_<name> with one token (decode) handed to the ISA header's gemv_<name>(args, r0, r1), a
+ * kernel for T = 1 over whole rows (the tiles' per-row tail and token-side work do not
+ * amortise there); with a k split (KTL_GEMV_ACT_BYTES) the tiled driver runs. */
+#define DEFINE_GEMM_GEMV(name, RM_MAX, RN_MAX)                                                     \
+    DEFINE_TILED(name, RM_MAX, RN_MAX)                                                             \
+    static void gemm_##name(const ktl_gemm_args *a, int64_t r0, int64_t r1) {                      \
+        if (a->ntok == 1 && k_chunk(a) == a->k) gemv_##name(a, r0, r1);                           \
+        else tiled_##name(a, r0, r1);                                                              \
     }
 
 #if KTL_ISA == 2

@@ -77,6 +77,53 @@ extern const ktl_kernels ktl_kernels_avx512;
 
 const ktl_kernels *ktl_selected(void);
 
+/* Work split: `rows` rows in `items` contiguous ranges of near-equal size (`per_thread` per
+ * thread, at least 16 rows each) with boundaries on multiples of `align` rows: 4 (whole tiles)
+ * when several tokens share the tiles, 1 for GEMV (one row per tile, so the ranges can be
+ * exactly equal). Equal sizes matter for the memory-bound GEMV: the former fixed 48-row chunk
+ * cut 2048 rows into 43 ranges for 14 threads, and the threads that drew a 4th range set the
+ * time (~0.77 of an even split). Each range is one sequential stream of weight rows; items are
+ * taken from an atomic counter, so a late or preempted thread's ranges go to the others. (Two
+ * ranges may share the output cache line at their boundary: one store per row, negligible.) */
+typedef struct {
+    int64_t rows, items, align;
+} row_split;
+
+static inline row_split split_rows(int64_t rows, int threads, int64_t per_thread, int64_t align) {
+    row_split s = {rows, (int64_t)threads * per_thread, align};
+    if (s.items > rows / 16) s.items = rows / 16;
+    if (s.items < 1) s.items = 1;
+    return s;
+}
+
+static inline int64_t split_at(const row_split *s, int64_t i) {
+    if (i >= s->items) return s->rows;
+    int64_t r = i * s->rows / s->items;
+    return r - r % s->align;
+}
+
+/* Experts forward (experts.c) on caller-owned buffers: x and y [t, hidden] fp32 or bf16, ids
+ * [t, topk] int32 or int64, weights [t, topk] fp32. */
+typedef struct {
+    const void *x;
+    int x_bf16;
+    const void *ids;
+    int ids_int64;
+    const float *weights;
+    void *y;
+    int y_bf16;
+} ktl_experts_io;
+
+/* Everything one forward of up to t tokens x topk needs (routing, quantised x and h, gate/up
+ * outputs, fp32 staging of bf16 x / y), in one allocation. */
+typedef struct ktl_experts_ws ktl_experts_ws;
+int ktl_experts_check(const ktl_experts_desc *d); /* 0 or the KTL_ERR_* of a bad layer */
+ktl_experts_ws *ktl_experts_ws_create(const ktl_experts_desc *d, int64_t t, int64_t topk, int x_bf16, int y_bf16);
+void ktl_experts_ws_destroy(ktl_experts_ws *ws);
+/* Validates the ids (KTL_ERR_IDS, y untouched), then overwrites y. Allocates nothing. */
+int ktl_experts_run(ktl_pool *pool, const ktl_experts_desc *d, ktl_experts_ws *ws, int64_t t, int64_t topk,
+                    const ktl_experts_io *io);
+
 /* Pool: runs fn(ctx, item, worker) for item in [0, n_items) on all workers (or the external
  * parallel-for), returns when all are done. One job at a time per pool (callers are
  * serialised by a mutex). */

@@ -26,7 +26,7 @@ from cffi import FFI
 PACKAGE_DIR = Path(__file__).resolve().parent
 CSRC = PACKAGE_DIR.parent / "csrc"
 MODULE = "kt_llamafile._kernels"
-COMMON_SOURCES = ("dequant.c", "cpu.c", "pool.c", "matmul.c", "job.c")
+COMMON_SOURCES = ("dequant.c", "cpu.c", "pool.c", "matmul.c", "experts.c", "job.c")
 KERNEL_SOURCE = "kernels.c"
 HEADERS = ("ktl_api.h", "ktl_types.h", "ktl_internal.h", "kern_scalar.h", "kern_avx2.h", "kern_avx512.h")
 

@@ -44,6 +44,49 @@ def gguf_dequantize(w: np.ndarray, qtype: str, shape: tuple[int, ...]) -> np.nda
     return np.asarray(values, dtype=np.float64).reshape(shape)
 
 
+#: experts, elementwise against ``emulated_experts``, relative to its ``scale`` (fp32 rounding,
+#: and the rare activation code that rounds the other way after a last-bit difference in silu)
+EXPERTS_EMULATED_TOL = 2e-3
+
+
+def emulated_experts(x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, layer: dict, spec) -> tuple[np.ndarray, np.ndarray]:
+    """Routed experts with the kernels' two activation roundings (x for gate/up, act(g) * u for
+    down) in float64 on gguf-dequantised ``layer`` ({"gate", "up", "down"}: GGUFWeight);
+    returns (y, scale): ``scale = sum_k |w| |W_down| @ |h_hat|``, what the tolerance is relative to."""
+    from ktcore.ops.experts import activation_fn
+
+    E, H, I = spec.num_experts, spec.hidden_size, spec.intermediate_size
+    deq = {n: gguf_dequantize(w.data.numpy(), w.qtype, w.shape) for n, w in layer.items()}
+    act = activation_fn(spec.activation)
+    owned = set(spec.owned_ids)
+    y = np.zeros((x.shape[0], H))
+    scale = np.zeros((x.shape[0], H))
+    xg = _lib.quantized_activations(x, layer["gate"].qtype).double().numpy()
+    xu = _lib.quantized_activations(x, layer["up"].qtype).double().numpy()
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            if e == E or e not in owned:
+                continue
+            g = torch.from_numpy(deq["gate"][e] @ xg[t]).float()
+            u = torch.from_numpy(deq["up"][e] @ xu[t]).float()
+            h = (act(g) * u).reshape(1, I)
+            h_hat = _lib.quantized_activations(h, layer["down"].qtype).double().numpy()[0]
+            w = float(tw[t, k])
+            y[t] += w * (deq["down"][e] @ h_hat)
+            scale[t] += abs(w) * (np.abs(deq["down"][e]) @ np.abs(h_hat))
+    return y, scale
+
+
+def assert_experts_emulated(y: torch.Tensor, x: torch.Tensor, ids: torch.Tensor, tw: torch.Tensor, layer: dict,
+                            spec) -> float:
+    """``|y - emulated| <= EXPERTS_EMULATED_TOL * scale`` elementwise; returns the worst ratio."""
+    ref, scale = emulated_experts(x, ids, tw, layer, spec)
+    ratio = float(np.max(np.abs(y.double().numpy() - ref) / (EXPERTS_EMULATED_TOL * scale + 1e-30)))
+    assert ratio <= 1.0, ratio
+    return ratio
+
+
 def act_block(qtype: str) -> int:
     return {0: 0, 1: 32, 2: 256}[_lib.act_kind(qtype)]
 

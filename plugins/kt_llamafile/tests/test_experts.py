@@ -11,17 +11,13 @@ import torch
 from kt_llamafile import _lib
 from kt_llamafile.experts import LlamafileExperts
 from kt_llamafile.random_blocks import random_weight
-from kt_llamafile.testing import gguf_dequantize
-from ktcore.ops.experts import ExpertsSpec, TorchExperts, activation_fn
+from kt_llamafile.testing import assert_experts_emulated
+from ktcore.ops.experts import ExpertsSpec, TorchExperts
 from ktcore.ops.weights import GGUFWeight
 
 E, H, I, TOPK = 8, 512, 256, 3
 #: relative Frobenius error against TorchExperts (x and act(gate)*up both rounded to 8 bits)
 TORCH_TOL = {"Q4_K": 3e-2, "Q8_0": 2e-2, "Q6_K": 3e-2, "Q5_0": 2e-2, "Q2_K": 3e-2, "F16": 1e-5}
-#: elementwise against the emulation, relative to sum_k |w| |W_down| @ |h_hat| (fp32 rounding,
-#: and the rare activation code that rounds the other way after a last-bit difference in silu)
-EMULATED_TOL = 2e-3
-
 
 def _stacked(qtype: str, rows: int, k: int, rng) -> GGUFWeight:
     data = torch.from_numpy(random_weight(qtype, E * rows, k, rng)).reshape(E, rows, -1)
@@ -42,30 +38,6 @@ def _routing(tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.rand(tokens, TOPK, generator=g)
 
 
-def _emulated(x, ids, tw, layer, spec) -> tuple[np.ndarray, np.ndarray]:
-    """Reference with the kernels' activation rounding: (y, scale for the tolerance)."""
-    deq = {n: gguf_dequantize(w.data.numpy(), w.qtype, w.shape) for n, w in layer.items()}
-    act = activation_fn(spec.activation)
-    owned = set(spec.owned_ids)
-    y = np.zeros((x.shape[0], H))
-    scale = np.zeros((x.shape[0], H))
-    xg = _lib.quantized_activations(x, layer["gate"].qtype).double().numpy()
-    xu = _lib.quantized_activations(x, layer["up"].qtype).double().numpy()
-    for t in range(x.shape[0]):
-        for k in range(TOPK):
-            e = int(ids[t, k])
-            if e == E or e not in owned:
-                continue
-            g = torch.from_numpy(deq["gate"][e] @ xg[t]).float()
-            u = torch.from_numpy(deq["up"][e] @ xu[t]).float()
-            h = (act(g) * u).reshape(1, I)
-            h_hat = _lib.quantized_activations(h, layer["down"].qtype).double().numpy()[0]
-            w = float(tw[t, k])
-            y[t] += w * (deq["down"][e] @ h_hat)
-            scale[t] += abs(w) * (np.abs(deq["down"][e]) @ np.abs(h_hat))
-    return y, scale
-
-
 @pytest.mark.parametrize("types", [("Q4_K", "Q4_K", "Q6_K"), ("Q8_0", "Q8_0", "Q8_0"), ("Q5_0", "Q5_0", "Q2_K"),
                                    ("Q4_K", "Q8_0", "F16")])
 @pytest.mark.parametrize("tokens", [1, 2, 7, 64])
@@ -84,9 +56,7 @@ def test_gguf_experts(types, tokens, owned):
     y_ref = ref(x, ids, tw)
     err = (torch.linalg.norm(y - y_ref) / torch.linalg.norm(y_ref)).item()
     assert err <= max(TORCH_TOL[t] for t in types), err
-    y_emu, scale = _emulated(x, ids, tw, layer, spec)
-    ratio = np.max(np.abs(y.double().numpy() - y_emu) / (EMULATED_TOL * scale + 1e-30))
-    assert ratio <= 1.0, ratio
+    assert_experts_emulated(y, x, ids, tw, layer, spec)
 
 
 def test_dense_sources_match_the_reference_closely():
