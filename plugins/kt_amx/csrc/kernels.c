@@ -731,6 +731,19 @@ static void emu_dpbsud(int c, int a, int b) {
             memcpy(&emu.data[c][m][4 * n], &s, 4);
         }
 }
+/* signed x signed: int4 weights unpacked to signed bytes (gemm_amx_v2) */
+static void emu_dpbssd(int c, int a, int b) {
+    emu_shapes(c, a, b);
+    for (int m = 0; m < emu.rows[c]; m++)
+        for (int n = 0; n < emu.colsb[c] / 4; n++) {
+            int32_t s;
+            memcpy(&s, &emu.data[c][m][4 * n], 4);
+            for (int kk = 0; kk < emu.rows[b]; kk++)
+                for (int i = 0; i < 4; i++)
+                    s += (int8_t)emu.data[a][m][4 * kk + i] * (int32_t)(int8_t)emu.data[b][kk][4 * n + i];
+            memcpy(&emu.data[c][m][4 * n], &s, 4);
+        }
+}
 #define KT_TILE_CONFIG(cfg) emu_loadconfig(cfg)
 #define KT_TILE_RELEASE() (emu.configured = 0)
 #define KT_TILE_LOAD(t, base, stride) emu_loadd(t, base, stride)
@@ -738,6 +751,7 @@ static void emu_dpbsud(int c, int a, int b) {
 #define KT_TILE_ZERO(t) emu_zero(t)
 #define KT_TILE_DPBF16(c, a, b) emu_dpbf16ps(c, a, b)
 #define KT_TILE_DPBSUD(c, a, b) emu_dpbsud(c, a, b)
+#define KT_TILE_DPBSSD(c, a, b) emu_dpbssd(c, a, b)
 const int kt_amx_emulated_build = 1;
 #else
 #define KT_TILE_CONFIG(cfg) _tile_loadconfig(cfg)
@@ -747,11 +761,13 @@ const int kt_amx_emulated_build = 1;
 #define KT_TILE_ZERO(t) _tile_zero(t)
 #define KT_TILE_DPBF16(c, a, b) _tile_dpbf16ps(c, a, b)
 #define KT_TILE_DPBSUD(c, a, b) _tile_dpbsud(c, a, b)
+#define KT_TILE_DPBSSD(c, a, b) _tile_dpbssd(c, a, b)
 const int kt_amx_emulated_build = 0;
 #endif
 
-/* Tiles: 0-3 C (16 x 16 fp32/int32), 4 A (16 rows x kb bytes of activations),
- * 6 B (kb/4 rows x 64 bytes of weights). kind 1: kb = 64 (bf16: 32 k; int8: 64 k), kind 2: kb = 32. */
+/* Tiles: 0-3 C (16 x 16 fp32/int32), 4-5 A (16 rows x kb bytes of activations),
+ * 6-7 B (kb/4 rows x 64 bytes of weights). kind 1: kb = 64 (bf16: 32 k; int8: 64 k), kind 2: kb = 32.
+ * gemm_amx_v1 uses one A and one B tile, gemm_amx_v2 both. */
 static __thread int t_tile_kind;
 
 static void amx_configure(int kind) {
@@ -761,8 +777,8 @@ static void amx_configure(int kind) {
     const int kb = kind == 1 ? 64 : 32;
     cfg.palette_id = 1;
     for (int t = 0; t < 4; t++) cfg.rows[t] = 16, cfg.colsb[t] = 64;
-    cfg.rows[4] = 16, cfg.colsb[4] = (uint16_t)kb;
-    cfg.rows[6] = (uint8_t)(kb / 4), cfg.colsb[6] = 64;
+    for (int t = 4; t < 6; t++) cfg.rows[t] = 16, cfg.colsb[t] = (uint16_t)kb;
+    for (int t = 6; t < 8; t++) cfg.rows[t] = (uint8_t)(kb / 4), cfg.colsb[t] = 64;
     KT_TILE_CONFIG(&cfg);
     t_tile_kind = kind;
 }
@@ -792,8 +808,10 @@ static void unpack_int4_panel(const uint8_t *wp, int32_t k, uint8_t *dst) {
         if ((nt) > 3) MACRO(3); \
     } while (0)
 
-static void KT_FN(gemm_amx)(const kt_fmt *fmt, const kt_mat *W, int32_t slot, int32_t panel0, int32_t npanels,
-                            const kt_act *A, int32_t row0, int32_t M, float *out, int64_t ldo, uint8_t *scratch) {
+/* Variant 1 (KT_AMX_GEMM=1; bf16 always): one panel at a time, every group's C tiles stored and
+ * rescaled before the next group starts. */
+static void gemm_amx_v1(const kt_fmt *fmt, const kt_mat *W, int32_t slot, int32_t panel0, int32_t npanels,
+                        const kt_act *A, int32_t row0, int32_t M, float *out, int64_t ldo, uint8_t *scratch) {
     const int32_t k = W->k;
     const long st = (long)A->stride;
     uint8_t *unpacked = scratch;
@@ -876,6 +894,264 @@ static void KT_FN(gemm_amx)(const kt_fmt *fmt, const kt_mat *W, int32_t slot, in
                 _mm512_storeu_ps(out + (int64_t)(m0 + r) * ldo + 16 * i, _mm512_loadu_ps(fbuf + 16 * r));
         }
     }
+}
+
+/* ------------------------------------------------------------------ gemm_amx, variant 2
+ *
+ * The default int8/int4 kernel (KT_AMX_GEMM=1 keeps gemm_amx_v1 above, for A/B timing).
+ *
+ * Work is cut into units: one weight group of a block of rt row tiles x pt panels, rt * pt <= 4
+ * C tiles (pt = 2 with rt <= 2, or pt = 1 with rt <= 4). Tiles: C 0-3 (index rt_i * pt + pt_i),
+ * A 4-5, B 6-7, so in a 2 x 2 block every loaded A tile feeds 2 dot products and every B tile 2.
+ *
+ * The units run as a two-stage pipeline: the dot products of unit u are issued to the tile unit
+ * before the vector code rescales the int32 sums of unit u-1 (stored to cbuf) into out, so the
+ * AVX-512 rescale of one group overlaps the tile work of the next instead of waiting for it.
+ * out itself is the fp32 accumulator (group 0 stores, later groups add), so no buffer of
+ * partial sums has to be cleared or copied.
+ *
+ * Weights: int8 B tiles are loaded straight from the packed panel (u8 = q + 128, tdpbsud) and
+ * the zero point comes off exactly in int32 during the rescale (- 128 * the row's code sum).
+ * int4 groups are unpacked into signed bytes (symmetric: u - 8, affine: u in 0..15) once per
+ * panel block and group, shared by every row block, and multiplied with tdpbssd, which gives the
+ * exact integer dot product without a correction. The integer sums equal variant 1's, and the
+ * fp32 steps are the same operations in the same order, so both variants agree bit for bit.
+ * The weight stream is prefetched kt_prefetch_bytes ahead (KT_AMX_PREFETCH, 0 = off).
+ * Scratch: the unpacked int4 groups of a panel pair (2 * G * 16 bytes; a group spanning all of
+ * k runs one panel per block so that G * 16 <= k * 16 fits), then 4 C tiles: within
+ * kt_amx_scratch_bytes(k) as for variant 1.
+ */
+
+/* One unit of work: group g of rt row tiles x pt panels. */
+typedef struct {
+    const uint8_t *b[2];  /* B rows of the group per panel: [G/4][16][4] bytes, 64 per row */
+    const uint8_t *a;     /* activations of the first row at the group's first k */
+    const float *xs;      /* activation scales at (first row, g) */
+    const int32_t *gs;    /* activation code sums at (first row, g) */
+    const uint8_t *s[2];  /* weight scales of the group per panel */
+    const uint8_t *mn[2]; /* weight mins (affine int4) or NULL */
+    float *o;             /* out at the block's first row and column */
+    int rt, pt, first;
+    int fetch;            /* first row block of the group: prefetches the weight stream */
+} v2_unit;
+
+/* What stays the same for every unit of one call. */
+typedef struct {
+    int32_t kb, nch, gstride;
+    int32_t zero;  /* int32 correction per code sum in the rescale (int8: 128, int4: 0) */
+    int sgn;       /* B holds signed bytes (int4: tdpbssd) rather than u8 (int8: tdpbsud) */
+    int has_min, scale_f32;
+    long ast;      /* bytes between activation rows */
+    int64_t ldo;
+    /* weight stream prefetch (int8: B tiles come straight from memory; int4: the unpack reads
+     * it): bytes ahead (kt_prefetch_bytes, KT_AMX_PREFETCH; 0 = off), up to the end of this
+     * call's panels (the panel after them is another work item's) */
+    int64_t pf;
+    const uint8_t *pf_end;
+} v2_ctx;
+
+/* The two tile dot products differ only in B's signedness; SGN is a constant after inlining. */
+#define V2_DP(SGN, c, a, b)                \
+    do {                                   \
+        if (SGN) KT_TILE_DPBSSD(c, a, b);  \
+        else KT_TILE_DPBSUD(c, a, b);      \
+    } while (0)
+
+/* Zeroes the unit's C tiles and accumulates its group into them. The tile numbers are literals
+ * (the instructions encode them); RT, PT and SGN are constants, so the dead branches vanish. */
+KT_INLINE void v2_dots_shape(const int RT, const int PT, const int SGN, const v2_ctx *x, const v2_unit *u) {
+    const long st = x->ast;
+    const uint8_t *a0 = u->a, *a1 = a0 + 16 * st, *a2 = a0 + 32 * st, *a3 = a0 + 48 * st;
+    KT_IF_TILE(RT * PT, KT_TILE_ZERO);
+    for (int32_t ch = 0; ch < x->nch; ch++) {
+        const int64_t ko = (int64_t)ch * x->kb;
+        if (!SGN && u->fetch) /* int8: B rows (16 * kb bytes per panel) ahead of the tile loads */
+            for (int64_t l = 0; l < 16 * x->kb; l += 64) {
+                prefetch_ahead(u->b[0] + ko * 16 + l, x->pf, x->pf_end);
+                if (PT > 1) prefetch_ahead(u->b[1] + ko * 16 + l, x->pf, x->pf_end);
+            }
+        /* all loads of the chunk first: the tile unit can fetch while earlier products run */
+        KT_TILE_LOAD(4, a0 + ko, st);
+        if (RT > 1) KT_TILE_LOAD(5, a1 + ko, st);
+        KT_TILE_LOAD(6, u->b[0] + ko * 16, 64);
+        if (PT > 1) KT_TILE_LOAD(7, u->b[1] + ko * 16, 64);
+        if (PT > 1) {
+            V2_DP(SGN, 0, 4, 6);
+            V2_DP(SGN, 1, 4, 7);
+            if (RT > 1) {
+                V2_DP(SGN, 2, 5, 6);
+                V2_DP(SGN, 3, 5, 7);
+            }
+        } else {
+            V2_DP(SGN, 0, 4, 6);
+            if (RT > 1) V2_DP(SGN, 1, 5, 6);
+            /* more than 2 row tiles: A tiles are reused once their products are issued */
+            if (RT > 2) {
+                KT_TILE_LOAD(4, a2 + ko, st);
+                V2_DP(SGN, 2, 4, 6);
+            }
+            if (RT > 3) {
+                KT_TILE_LOAD(5, a3 + ko, st);
+                V2_DP(SGN, 3, 5, 6);
+            }
+        }
+    }
+}
+
+static void v2_dots(const v2_ctx *x, const v2_unit *u) {
+#define V2_SHAPE(RT, PT)                                  \
+    if (u->rt == (RT) && u->pt == (PT)) {                 \
+        if (x->sgn) v2_dots_shape(RT, PT, 1, x, u);       \
+        else v2_dots_shape(RT, PT, 0, x, u);              \
+        return;                                           \
+    }
+    V2_SHAPE(2, 2)
+    V2_SHAPE(1, 2)
+    V2_SHAPE(2, 1)
+    V2_SHAPE(1, 1)
+    V2_SHAPE(4, 1)
+    V2_SHAPE(3, 1)
+#undef V2_SHAPE
+}
+
+/* C tiles of a unit -> cbuf, tile t at int32 offset 256 t (16 rows of 16). */
+static void v2_store(const v2_unit *u, int32_t *cbuf) {
+#define V2_ST(t) KT_TILE_STORE(t, cbuf + 256 * (t), 64)
+    KT_IF_TILE(u->rt * u->pt, V2_ST);
+#undef V2_ST
+}
+
+/* 16 rows of one C tile into out: o = (c - zero * gs) * (s * xs) [+ m * (gs * xs)] (+ o unless
+ * first). ZFIX / MIN are constants; the operation order is variant 1's. */
+KT_INLINE void v2_rescale_tile(const int ZFIX, const int MIN, const int32_t *c, float *o, int64_t ldo, __m512 sv,
+                               __m512 mv, const float *xs, const int32_t *gs, int32_t gstride, int32_t zero,
+                               int first) {
+    for (int r = 0; r < 16; r++) {
+        const int64_t at = (int64_t)r * gstride;
+        const float xsr = xs[at];
+        float *orow = o + r * ldo;
+        __m512i ci = _mm512_load_si512(c + 16 * r);
+        if (ZFIX) ci = _mm512_sub_epi32(ci, _mm512_set1_epi32(zero * gs[at]));
+        __m512 acc = first ? _mm512_setzero_ps() : _mm512_loadu_ps(orow);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ci), _mm512_mul_ps(sv, _mm512_set1_ps(xsr)), acc);
+        if (MIN) acc = _mm512_fmadd_ps(mv, _mm512_set1_ps((float)gs[at] * xsr), acc);
+        _mm512_storeu_ps(orow, acc);
+    }
+}
+
+KT_INLINE void v2_rescale_fmt(const int ZFIX, const int MIN, const v2_ctx *x, const v2_unit *u, const int32_t *cbuf) {
+    for (int pi = 0; pi < u->pt; pi++) {
+        const __m512 sv = ld_scales16(u->s[pi], x->scale_f32);
+        const __m512 mv = MIN ? ld_scales16(u->mn[pi], x->scale_f32) : _mm512_setzero_ps();
+        for (int ri = 0; ri < u->rt; ri++) {
+            const int64_t r16 = 16 * (int64_t)ri;
+            v2_rescale_tile(ZFIX, MIN, cbuf + 256 * (ri * u->pt + pi), u->o + r16 * x->ldo + 16 * pi, x->ldo, sv, mv,
+                            u->xs + r16 * x->gstride, u->gs + r16 * x->gstride, x->gstride, x->zero, u->first);
+        }
+    }
+}
+
+static void v2_rescale(const v2_ctx *x, const v2_unit *u, const int32_t *cbuf) {
+    if (x->zero) v2_rescale_fmt(1, 0, x, u, cbuf);
+    else if (x->has_min) v2_rescale_fmt(0, 1, x, u, cbuf);
+    else v2_rescale_fmt(0, 0, x, u, cbuf);
+}
+
+/* One int4 group of a panel (G/8 vectors) -> [G/4][16][4] signed bytes, the B-tile layout:
+ * vector j's low nibbles are k 8j..8j+3, its high nibbles k 8j+4..8j+7. */
+KT_INLINE void v2_unpack_group(const int SYM, const v2_ctx *x, const uint8_t *src, int32_t G, uint8_t *dst) {
+    const __m512i nib = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
+    for (int32_t j = 0; j < G / 8; j++) {
+        prefetch_ahead(src + 64 * (int64_t)j, x->pf, x->pf_end);
+        const __m512i v = _mm512_loadu_si512(src + 64 * (int64_t)j);
+        __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        if (SYM) lo = _mm512_sub_epi8(lo, eight), hi = _mm512_sub_epi8(hi, eight);
+        _mm512_store_si512(dst + 128 * (int64_t)j, lo);
+        _mm512_store_si512(dst + 128 * (int64_t)j + 64, hi);
+    }
+}
+
+static void gemm_amx_v2(const kt_fmt *fmt, const kt_mat *W, int32_t slot, int32_t panel0, int32_t npanels,
+                        const kt_act *A, int32_t row0, int32_t M, float *out, int64_t ldo, uint8_t *scratch) {
+    const int32_t k = W->k, G = W->group, ng = W->ngroups;
+    const int is4 = fmt->format == KT_FMT_INT4;
+    const int32_t kb = G % 64 == 0 ? 64 : 32; /* groups are multiples of 32 */
+    const v2_ctx x = {.kb = kb, .nch = G / kb, .gstride = A->gstride, .zero = is4 ? 0 : fmt->zero, .sgn = is4,
+                      .has_min = W->zmin != NULL, .scale_f32 = fmt->scale_f32, .ast = (long)A->stride, .ldo = ldo,
+                      .pf = atomic_load_explicit(&kt_prefetch_bytes, memory_order_relaxed),
+                      .pf_end = W->w + slot * W->w_slot + (int64_t)(panel0 + npanels) * W->w_panel};
+    const int64_t sstep = fmt->scale_f32 ? 64 : 32, gbytes = is4 ? (int64_t)G * 8 : (int64_t)G * 16;
+    /* scratch: unpacked int4 groups of up to 2 panels (2 * G * 16 <= k * 16 bytes), then cbuf */
+    uint8_t *ubuf = scratch;
+    int32_t *cbuf = (int32_t *)(scratch + kt_round_up((int64_t)k * 16, 64));
+    const int pair_ok = !is4 || 2 * G <= k;
+    amx_configure(kb == 64 ? 1 : 2);
+    v2_unit pend;
+    int have = 0;
+    for (int32_t i = 0; i < npanels;) {
+        const int pt = pair_ok && npanels - i >= 2 ? 2 : 1;
+        const uint8_t *wp[2], *sp[2], *mp[2];
+        for (int q = 0; q < 2; q++) {
+            const int64_t p = panel0 + i + (q < pt ? q : 0);
+            wp[q] = W->w + slot * W->w_slot + p * W->w_panel;
+            sp[q] = W->scale + slot * W->s_slot + p * W->s_panel;
+            mp[q] = W->zmin ? W->zmin + slot * W->s_slot + p * W->s_panel : NULL;
+        }
+        for (int32_t g = 0; g < ng; g++) {
+            v2_unit u = {.first = g == 0, .pt = pt};
+            for (int q = 0; q < pt; q++) {
+                if (is4) {
+                    uint8_t *dst = ubuf + (int64_t)q * G * 16;
+                    if (fmt->zero) v2_unpack_group(1, &x, wp[q] + g * gbytes, G, dst);
+                    else v2_unpack_group(0, &x, wp[q] + g * gbytes, G, dst);
+                    u.b[q] = dst;
+                } else {
+                    u.b[q] = wp[q] + g * gbytes;
+                }
+                u.s[q] = sp[q] + g * sstep;
+                u.mn[q] = mp[q] ? mp[q] + g * sstep : NULL;
+            }
+            for (int32_t m0 = 0; m0 + 16 <= M; m0 += 16 * u.rt) {
+                const int64_t row = row0 + m0;
+                u.rt = KT_MIN(pt == 2 ? 2 : 4, (M - m0) / 16); /* the loop steps by it (>= 1) */
+                u.a = A->data + row * A->stride + (int64_t)g * G;
+                u.xs = A->scale + row * A->gstride + g;
+                u.gs = A->gsum + row * A->gstride + g;
+                u.o = out + (int64_t)m0 * ldo + 16 * i;
+                u.fetch = m0 == 0 && x.pf;
+                if (have) v2_store(&pend, cbuf); /* frees the C tiles for u */
+                v2_dots(&x, &u);
+                if (have) v2_rescale(&x, &pend, cbuf); /* overlaps u's tile work */
+                pend = u, have = 1;
+            }
+        }
+        i += pt;
+    }
+    if (have) {
+        v2_store(&pend, cbuf);
+        v2_rescale(&x, &pend, cbuf);
+    }
+}
+
+/* KT_AMX_GEMM=1: variant 1 for every format; otherwise (unset, 2) variant 2 for int8/int4. Read
+ * once per process, so that one benchmark run can compare both (one process each). */
+static int amx_gemm_variant(void) {
+    static _Atomic int cached; /* 0: not read yet */
+    int v = atomic_load_explicit(&cached, memory_order_relaxed);
+    if (!v) {
+        const char *env = getenv("KT_AMX_GEMM");
+        v = env && atoi(env) == 1 ? 1 : 2;
+        atomic_store_explicit(&cached, v, memory_order_relaxed);
+    }
+    return v;
+}
+
+static void KT_FN(gemm_amx)(const kt_fmt *fmt, const kt_mat *W, int32_t slot, int32_t panel0, int32_t npanels,
+                            const kt_act *A, int32_t row0, int32_t M, float *out, int64_t ldo, uint8_t *scratch) {
+    if (fmt->format == KT_FMT_BF16 || amx_gemm_variant() == 1)
+        gemm_amx_v1(fmt, W, slot, panel0, npanels, A, row0, M, out, ldo, scratch);
+    else
+        gemm_amx_v2(fmt, W, slot, panel0, npanels, A, row0, M, out, ldo, scratch);
 }
 #endif /* KT_LEVEL == 3 */
 

@@ -540,13 +540,13 @@ static void gather_x(kt_job *j, int32_t item) {
     }
 }
 
-static void gate_up_panel(kt_job *j, const kt_act *A, int32_t a, int32_t p, int32_t worker);
+static void gate_up_panels(kt_job *j, const kt_act *A, int32_t a, int32_t p0, int32_t np, int32_t worker);
 
 /* Gate/up item `item` of a job whose items cover ppi_I panels of one active expert each. */
 static int32_t gate_up_item(kt_job *j, const kt_act *A, int32_t item, int32_t worker) {
     const int32_t npI = j->moe->d.inter / KT_PANEL, per = ceil_div(npI, j->ppi_I);
-    const int32_t a = item / per, p0 = (item % per) * j->ppi_I, p1 = min32(npI, p0 + j->ppi_I);
-    for (int32_t p = p0; p < p1; p++) gate_up_panel(j, A, a, p, worker);
+    const int32_t a = item / per, p0 = (item % per) * j->ppi_I;
+    gate_up_panels(j, A, a, p0, min32(npI - p0, j->ppi_I), worker);
     return a;
 }
 
@@ -556,28 +556,32 @@ static void gate_up(kt_job *j, int32_t item, int32_t worker) {
     gate_up_item(j, &A, item, worker);
 }
 
-/* h rows of active expert a, panel p: h = act(gate x) * (up x), x rows from A. */
-static void gate_up_panel(kt_job *j, const kt_act *A, int32_t a, int32_t p, int32_t worker) {
+/* h rows of active expert a, panels [p0, p0 + np): h = act(gate x) * (up x), x rows from A.
+ * All np panels go to each kernel call (one longer weight stream; AMX tiles of two panels
+ * share their A tiles), in chunks of rows that keep the [rows][16 np] fp32 gate and up
+ * results within the worker's scratch. */
+static void gate_up_panels(kt_job *j, const kt_act *A, int32_t a, int32_t p0, int32_t np, int32_t worker) {
     kt_moe *m = j->moe;
     kt_ws *w = &j->ws;
     const kt_isa_ops *ops = j->ops;
     const int32_t slot = w->active[3 * a], off = w->active[3 * a + 1], cnt = w->active[3 * a + 2];
-    const int32_t I = m->d.inter;
+    const int32_t I = m->d.inter, cols = np * KT_PANEL;
+    const int32_t chunk = KT_MCH / np / KT_PANEL * KT_PANEL; /* np <= 16 (both callers): >= 16 rows */
     uint8_t *scratch = w->scratch + worker * w->scratch_bytes;
-    float *sg = (float *)scratch, *su = sg + KT_MCH * KT_PANEL;
+    float *sg = (float *)scratch, *su = sg + KT_MCH * KT_PANEL; /* [chunk][cols] each */
     uint8_t *amx_scratch = (uint8_t *)(su + KT_MCH * KT_PANEL);
     const int use_amx = ops->gemm_amx && cnt >= j->use_amx_min;
-    for (int32_t m0 = 0; m0 < cnt; m0 += KT_MCH) {
-        const int32_t mc = min32(KT_MCH, cnt - m0);
+    for (int32_t m0 = 0; m0 < cnt; m0 += chunk) {
+        const int32_t mc = min32(chunk, cnt - m0);
         if (use_amx) {
             const int32_t mp = (int32_t)kt_round_up(mc, KT_PANEL);
-            ops->gemm_amx(&m->fmt, &m->gate, slot, p, 1, A, off + m0, mp, sg, KT_PANEL, amx_scratch);
-            ops->gemm_amx(&m->fmt, &m->up, slot, p, 1, A, off + m0, mp, su, KT_PANEL, amx_scratch);
+            ops->gemm_amx(&m->fmt, &m->gate, slot, p0, np, A, off + m0, mp, sg, cols, amx_scratch);
+            ops->gemm_amx(&m->fmt, &m->up, slot, p0, np, A, off + m0, mp, su, cols, amx_scratch);
         } else {
-            ops->gemm(&m->fmt, &m->gate, slot, p, 1, A, off + m0, mc, sg, KT_PANEL);
-            ops->gemm(&m->fmt, &m->up, slot, p, 1, A, off + m0, mc, su, KT_PANEL);
+            ops->gemm(&m->fmt, &m->gate, slot, p0, np, A, off + m0, mc, sg, cols);
+            ops->gemm(&m->fmt, &m->up, slot, p0, np, A, off + m0, mc, su, cols);
         }
-        ops->act_mul(m->d.act, w->h + (int64_t)(off + m0) * I + p * KT_PANEL, I, sg, su, KT_PANEL, mc, KT_PANEL);
+        ops->act_mul(m->d.act, w->h + (int64_t)(off + m0) * I + p0 * KT_PANEL, I, sg, su, cols, mc, cols);
     }
 }
 
@@ -659,7 +663,8 @@ static int prepare_one_phase(kt_job *j) {
                      m->gate.ngroups, T);
     const int32_t npI = I / KT_PANEL, npH = H / KT_PANEL;
     const int64_t gu_panel = m->gate.w_panel + m->up.w_panel, down_step = (int64_t)na * m->down.w_panel;
-    j->ppi_I = panels_for_items((int64_t)na * npI * gu_panel, gu_panel, npI, j->nw);
+    /* gate_up_panels' row chunks hold at least 16 rows up to KT_MCH / 16 panels */
+    j->ppi_I = panels_for_items((int64_t)na * npI * gu_panel, gu_panel, min32(npI, KT_MCH / KT_PANEL), j->nw);
     /* a down item's scratch: [8][cols] rows of one expert + [T][cols] sums, cols = 16 * panels,
      * each at most KT_MCH x 16 floats */
     j->ppi_H = panels_for_items((int64_t)npH * down_step, down_step, min32(npH, KT_MCH / (T > 8 ? T : 8)), j->nw);
