@@ -210,15 +210,16 @@ class Router(nn.Module):
         scores = self.scores(self.logits(x))  # [T, E] fp32
         ids, weights = self.choose(scores)  # [T, K], [T, K] in routing order
         n, K = self.active_top_k, self.spec.top_k
-        if n < K:
-            ids, weights = ids[:, :n], weights[:, :n]  # [T, n]
+        if n < K:  # the last K - n places: padding id E with weight 0
+            # (torch.where, not slice + pad: a compiled CUDA step padded the weights but left
+            # the ids of a slice + F.pad as they were, so the CPU experts still ran all K)
+            keep = torch.arange(K, device=ids.device) < n  # [K]
+            ids = torch.where(keep, ids, self.spec.num_experts)
+            weights = torch.where(keep, weights, 0.0)
         if self.spec.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         if self.spec.routed_scaling_factor != 1.0:
             weights = weights * self.spec.routed_scaling_factor
-        if n < K:  # back to [T, K]: padding id E with weight 0
-            ids = F.pad(ids, (0, K - n), value=self.spec.num_experts)
-            weights = F.pad(weights, (0, K - n), value=0.0)
         return ids.to(torch.int32), weights.float()
 
     def extra_repr(self) -> str:

@@ -225,3 +225,24 @@ def test_inductor_cpu_compiles_small_topk_and_the_routers(monkeypatch):
     for (ids, weights), (want_ids, want_weights) in zip(got, want):
         assert torch.equal(ids, want_ids)
         torch.testing.assert_close(weights, want_weights, atol=1e-7, rtol=1e-6)  # Inductor may reassociate
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("spec", SPECS[1::3], ids=lambda s: f"{s.kind}-E{s.num_experts}")
+def test_compiled_cuda_router_pads_the_dropped_places(spec):
+    """Compiled for CUDA (small_topk), n of K experts: ids E and weight 0 in the last K - n
+    places, as eager. A slice + F.pad formulation once left the compiled ids unpadded, so the
+    CPU experts kept running all K."""
+    torch.manual_seed(3)
+    router = ref.randomise(build_router(spec)).cuda()
+    x = torch.randn(1, 32, device="cuda")
+    compiled = torch.compile(router, fullgraph=True, dynamic=False)
+    for n in (spec.top_k - 2, 1):
+        router.set_active_top_k(n)
+        ids, weights = compiled(x)
+        want_ids, want_weights = router(x)
+        assert torch.all(ids[:, n:] == spec.num_experts) and torch.all(weights[:, n:] == 0)
+        assert torch.equal(ids, want_ids)
+        torch.testing.assert_close(weights, want_weights)
+    router.set_active_top_k(None)
