@@ -45,20 +45,35 @@ struct kt_doorbell {
     int cpu;
     int64_t spin_ns;
     _Atomic int64_t answered, unknown;
+    /* time sums (ns) of answered requests: in submit, in wait, and since the previous answer
+     * when that was less than KT_BELL_GAP_NS ago (the stream's own work between two layers) */
+    _Atomic int64_t submit_ns, wait_ns, gap_ns, gaps;
+    int64_t last_done;
 };
+
+#define KT_BELL_GAP_NS 5000000
 
 static void bell_sleep_ns(int64_t ns) {
     struct timespec ts = {(time_t)(ns / 1000000000), (long)(ns % 1000000000)};
     nanosleep(&ts, NULL);
 }
 
-static void ring(kt_doorbell *d, int32_t code) {
+static void ring(kt_doorbell *d, int32_t code, int64_t t_req) {
     const int32_t n = atomic_load_explicit(&d->n, memory_order_acquire);
     kt_bell_entry e = {0};
     if (code > 0 && code <= n) e = d->entries[code - 1];
     if (e.submit && e.wait) {
         e.submit(e.job);
+        const int64_t t_sub = kt_now_ns();
         e.wait(e.job);
+        const int64_t t_done = kt_now_ns();
+        atomic_fetch_add_explicit(&d->submit_ns, t_sub - t_req, memory_order_relaxed);
+        atomic_fetch_add_explicit(&d->wait_ns, t_done - t_sub, memory_order_relaxed);
+        if (t_req - d->last_done < KT_BELL_GAP_NS) {
+            atomic_fetch_add_explicit(&d->gap_ns, t_req - d->last_done, memory_order_relaxed);
+            atomic_fetch_add_explicit(&d->gaps, 1, memory_order_relaxed);
+        }
+        d->last_done = t_done;
         atomic_fetch_add_explicit(&d->answered, 1, memory_order_relaxed);
     } else {
         atomic_fetch_add_explicit(&d->unknown, 1, memory_order_relaxed);
@@ -76,7 +91,7 @@ static void *watch(void *arg) {
         const int32_t code = atomic_load_explicit(d->req, memory_order_acquire);
         if (code != 0) {
             atomic_store_explicit(d->req, 0, memory_order_relaxed);
-            ring(d, code);
+            ring(d, code, kt_now_ns());
             last = kt_now_ns();
             spins = 0;
             continue;
@@ -166,6 +181,14 @@ int kt_doorbell_running(kt_doorbell *d) {
 int64_t kt_doorbell_count(kt_doorbell *d, int32_t unknown) {
     if (!d) return 0;
     return atomic_load(unknown ? &d->unknown : &d->answered);
+}
+
+void kt_doorbell_times(kt_doorbell *d, int64_t *out) {
+    if (!d || !out) return;
+    out[0] = atomic_load(&d->submit_ns);
+    out[1] = atomic_load(&d->wait_ns);
+    out[2] = atomic_load(&d->gap_ns);
+    out[3] = atomic_load(&d->gaps);
 }
 
 void kt_doorbell_destroy(kt_doorbell *d) {

@@ -178,4 +178,7 @@ void kt_doorbell_stop(kt_doorbell *d);
 int kt_doorbell_running(kt_doorbell *d);
 /* Requests answered by running a job (unknown 0) or at once for an unknown code (1). */
 int64_t kt_doorbell_count(kt_doorbell *d, int32_t unknown);
+/* Sums over answered requests (ns): out[0] in submit, out[1] in wait, out[2] from the previous
+ * answer to this request when under 5 ms (the stream's work between two jobs), out[3] those. */
+void kt_doorbell_times(kt_doorbell *d, int64_t *out);
 void kt_doorbell_destroy(kt_doorbell *d);

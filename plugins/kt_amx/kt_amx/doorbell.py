@@ -123,6 +123,16 @@ class Doorbell:
         lib = _lib.kernels()[1]
         return lib.kt_doorbell_count(self._bell, 0), lib.kt_doorbell_count(self._bell, 1)
 
+    def times(self) -> dict[str, float]:
+        """Seconds summed over the jobs run since creation: in submit (wait for the pool,
+        prepare, wake it), in wait (until the job is done), and ``gap`` from one job's answer
+        to the next request when under 5 ms (the stream's own work between two layers:
+        copies, kernels and the doorbell's latency both ways), with ``gaps`` such intervals."""
+        ffi, lib = _lib.kernels()
+        out = ffi.new("int64_t[4]")
+        lib.kt_doorbell_times(self._bell, out)
+        return {"submit": out[0] * 1e-9, "wait": out[1] * 1e-9, "gap": out[2] * 1e-9, "gaps": int(out[3])}
+
 
 def doorbell_for(device_index: int) -> Doorbell:
     """The doorbell of CUDA device ``device_index`` (made on first use)."""

@@ -64,6 +64,10 @@ def test_rung_jobs_run_and_give_the_operator_output(bell):
     for job, _ in jobs:
         job.wait()  # no error recorded
     assert bell.counts() == (6, 0)
+    times = bell.times()  # every job took time in submit and in wait
+    assert times["submit"] > 0 and times["wait"] > 0
+    # gaps: rings less than 5 ms after the previous answer (the first has none before it)
+    assert 0 <= times["gaps"] <= 5 and (times["gap"] > 0) == (times["gaps"] > 0)
 
 
 def test_unknown_and_removed_codes_are_answered_without_running_anything(bell):
