@@ -275,26 +275,20 @@ static void KT_FN(act_mul)(int32_t act, float *h, int64_t ldh, const float *g, c
 }
 
 static void KT_FN(reduce)(void *y, int32_t y_dtype, int32_t H, const float *ypair, const int32_t *tk_row,
-                          const float *w, int32_t K, int32_t t0, int32_t t1) {
+                          const float *w, int32_t K, int32_t t0, int32_t t1, int32_t c0, int32_t c1) {
     for (int32_t t = t0; t < t1; t++) {
         const int32_t *rows = tk_row + (int64_t)t * K;
         const float *wt = w + (int64_t)t * K;
-        for (int32_t n = 0; n < H; n += 32) {
-            __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+        for (int32_t n = c0; n < c1; n += 16) {
+            __m512 a = _mm512_setzero_ps();
             for (int32_t k = 0; k < K; k++) {
                 if (rows[k] < 0) continue;
-                const float *yp = ypair + (int64_t)rows[k] * H + n;
-                const __m512 wk = _mm512_set1_ps(wt[k]);
-                a = _mm512_fmadd_ps(wk, _mm512_loadu_ps(yp), a);
-                b = _mm512_fmadd_ps(wk, _mm512_loadu_ps(yp + 16), b);
+                a = _mm512_fmadd_ps(_mm512_set1_ps(wt[k]), _mm512_loadu_ps(ypair + (int64_t)rows[k] * H + n), a);
             }
-            if (y_dtype == KT_DT_F32) {
-                float *yo = (float *)y + (int64_t)t * H + n;
-                _mm512_storeu_ps(yo, a);
-                _mm512_storeu_ps(yo + 16, b);
-            } else {
-                _mm512_storeu_si512((uint16_t *)y + (int64_t)t * H + n, (__m512i)_mm512_cvtne2ps_pbh(b, a));
-            }
+            if (y_dtype == KT_DT_F32)
+                _mm512_storeu_ps((float *)y + (int64_t)t * H + n, a);
+            else
+                _mm256_storeu_si256((__m256i *)((uint16_t *)y + (int64_t)t * H + n), (__m256i)_mm512_cvtneps_pbh(a));
         }
     }
 }
@@ -599,11 +593,11 @@ KT_INLINE __m128i bf16x8(__m256 v) {
 }
 
 static void KT_FN(reduce)(void *y, int32_t y_dtype, int32_t H, const float *ypair, const int32_t *tk_row,
-                          const float *w, int32_t K, int32_t t0, int32_t t1) {
+                          const float *w, int32_t K, int32_t t0, int32_t t1, int32_t c0, int32_t c1) {
     for (int32_t t = t0; t < t1; t++) {
         const int32_t *rows = tk_row + (int64_t)t * K;
         const float *wt = w + (int64_t)t * K;
-        for (int32_t n = 0; n < H; n += 16) {
+        for (int32_t n = c0; n < c1; n += 16) {
             __m256 a = _mm256_setzero_ps(), b = _mm256_setzero_ps();
             for (int32_t k = 0; k < K; k++) {
                 if (rows[k] < 0) continue;

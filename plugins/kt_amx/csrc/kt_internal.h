@@ -83,9 +83,12 @@ typedef struct {
     /* h[r][c] = act(g[r][c]) * u[r][c] for r < rows, c < cols (cols a multiple of 16). */
     void (*act_mul)(int32_t act, float *h, int64_t ldh, const float *g, const float *u, int64_t ldgu,
                     int32_t rows, int32_t cols);
-    /* y[t] = sum_k w[t][k] * ypair[row[t][k]] (rows < 0 skipped), written as y_dtype. */
+    /* y[t][c] = sum_k w[t][k] * ypair[row[t][k]][c] (rows < 0 skipped, k in order, one fma
+     * per term) for t0 <= t < t1 and columns c0 <= c < c1 (multiples of 16), written as
+     * y_dtype; y and ypair rows are H apart. Each element's sum is the same whatever the
+     * column range, so column slices of a forward add up exactly like the whole. */
     void (*reduce)(void *y, int32_t y_dtype, int32_t H, const float *ypair, const int32_t *tk_row,
-                   const float *w, int32_t K, int32_t t0, int32_t t1);
+                   const float *w, int32_t K, int32_t t0, int32_t t1, int32_t c0, int32_t c1);
     /* y[r][c] = src[r][c] (+ bias[c]) for r < rows, c < cols (any cols; src rows hold at least
      * cols rounded up to 16), stored as y_dtype with rows ldy elements apart. */
     void (*store_rows)(void *y, int32_t y_dtype, int64_t ldy, const float *src, int64_t lds, const float *bias,

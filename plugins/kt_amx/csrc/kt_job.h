@@ -44,7 +44,6 @@ typedef struct {
     float *hs;
     int32_t *hsum;
     float *ypair;         /* [rmax][H] */
-    float *row_w;         /* [rmax] routing weight of a row's pair (one-phase decode) */
     _Atomic int32_t *gu_left; /* [n_slots] gate/up items of an active expert not done yet */
     uint8_t *scratch;     /* [threads][scratch_bytes] */
     int64_t xrow, hrow, scratch_bytes;

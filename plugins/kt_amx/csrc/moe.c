@@ -258,7 +258,6 @@ static size_t ws_layout(const kt_moe *m, int32_t T, int32_t K, int32_t threads, 
     KT_TAKE(hs, float, (int64_t)ws->rmax * gi);
     KT_TAKE(hsum, int32_t, (int64_t)ws->rmax * gi);
     KT_TAKE(ypair, float, (int64_t)ws->rmax * H);
-    KT_TAKE(row_w, float, ws->rmax);
     KT_TAKE(gu_left, _Atomic int32_t, n);
     KT_TAKE(scratch, uint8_t, (int64_t)threads * ws->scratch_bytes);
 #undef KT_TAKE
@@ -440,7 +439,7 @@ static int32_t panels_per_item(int32_t n_active, int32_t panels, int32_t nw) {
 
 /* Sorts the (token, k) pairs routed to owned experts by expert into rows: each active
  * expert's rows are contiguous, in token order, padded to a multiple of `pad` with rows of
- * token -1. Fills tk_row, pair_token, row_w, active; sets n_rows, n_active. Returns 1 when an
+ * token -1. Fills tk_row, pair_token, active; sets n_rows, n_active. Returns 1 when an
  * id is out of range (that pair adds nothing). */
 static int route_pairs(kt_job *j, int32_t pad) {
     kt_moe *m = j->moe;
@@ -479,7 +478,6 @@ static int route_pairs(kt_job *j, int32_t pad) {
         }
         const int32_t r = w->row_off[s] + w->fill[s]++;
         w->pair_token[r] = p / K;
-        w->row_w[r] = j->w[p];
         w->tk_row[p] = r;
     }
     for (int32_t a = 0; a < na; a++)
@@ -632,9 +630,10 @@ static void down(kt_job *j, int32_t item, int32_t worker) {
  * while preparing; the workers' one phase has the gate/up items (expert-major, x rows read in
  * place through A.rows) followed by the down items. The worker that finishes an expert's last
  * gate/up item quantises that expert's h rows and counts the expert ready. A down item (a
- * range of H panels over every active expert, weighted by the routing and written straight to
- * y) first waits until every expert is ready. Items are taken in order from one counter, so
- * when anyone waits, every gate/up item is already being run: the wait cannot deadlock.
+ * range of H panels over every active expert, then those columns of y summed as the phases'
+ * reduce sums them, so the output is bit for bit the phases') first waits until every expert
+ * is ready. Items are taken in order from one counter, so when anyone waits, every gate/up
+ * item is already being run: the wait cannot deadlock.
  */
 
 /* Panels per item: about KT_ITEMS_PER_WORKER items per worker, each at most KT_ITEM_MAX_BYTES
@@ -665,9 +664,7 @@ static int prepare_one_phase(kt_job *j) {
     const int64_t gu_panel = m->gate.w_panel + m->up.w_panel, down_step = (int64_t)na * m->down.w_panel;
     /* gate_up_panels' row chunks hold at least 16 rows up to KT_MCH / 16 panels */
     j->ppi_I = panels_for_items((int64_t)na * npI * gu_panel, gu_panel, min32(npI, KT_MCH / KT_PANEL), j->nw);
-    /* a down item's scratch: [8][cols] rows of one expert + [T][cols] sums, cols = 16 * panels,
-     * each at most KT_MCH x 16 floats */
-    j->ppi_H = panels_for_items((int64_t)npH * down_step, down_step, min32(npH, KT_MCH / (T > 8 ? T : 8)), j->nw);
+    j->ppi_H = panels_for_items((int64_t)npH * down_step, down_step, npH, j->nw);
     const int32_t per = ceil_div(npI, j->ppi_I);
     for (int32_t a = 0; a < na; a++) atomic_store_explicit(&w->gu_left[a], per, memory_order_relaxed);
     j->n_gu_items = na * per;
@@ -685,15 +682,13 @@ static void wait_experts_ready(kt_job *j) {
     }
 }
 
-/* Down item d: H panels [p0, p0 + np) of y = sum over active experts and their rows of
- * row_w * (down h), accumulated in fp32 and stored once in y's dtype. */
-static void down_all_experts(kt_job *j, int32_t d, int32_t worker) {
+/* Down item d: H panels [p0, p0 + np) of every active expert's rows into ypair, then those
+ * columns of y = sum over each token's pairs of w * ypair, by the same reduce as the phases
+ * (k order, one fma per term): a token's output does not depend on the path or the batch. */
+static void down_all_experts(kt_job *j, int32_t d) {
     kt_moe *m = j->moe;
     kt_ws *w = &j->ws;
-    const int32_t H = m->d.hidden, p0 = d * j->ppi_H, np = min32(H / KT_PANEL - p0, j->ppi_H), cols = np * KT_PANEL;
-    float *rows_out = (float *)(w->scratch + worker * w->scratch_bytes); /* [8][cols] */
-    float *sums = rows_out + KT_MCH * KT_PANEL;                            /* [T][cols] */
-    memset(sums, 0, sizeof(float) * (size_t)j->T * (size_t)cols);
+    const int32_t H = m->d.hidden, p0 = d * j->ppi_H, np = min32(H / KT_PANEL - p0, j->ppi_H);
     const kt_act A = {w->hq, w->hrow, w->hs, w->hsum, m->down.ngroups};
     for (int32_t a = 0; a < j->n_active; a++) {
         const int32_t slot = w->active[3 * a], off = w->active[3 * a + 1], cnt = w->active[3 * a + 2];
@@ -701,26 +696,17 @@ static void down_all_experts(kt_job *j, int32_t d, int32_t worker) {
             const uint8_t *next = m->down.w + w->active[3 * a + 3] * m->down.w_slot + p0 * m->down.w_panel;
             for (int64_t b = 0; b < 1024 && b < np * m->down.w_panel; b += 64) __builtin_prefetch(next + b);
         }
-        for (int32_t r0 = 0; r0 < cnt; r0 += 8) {
-            const int32_t rows = min32(8, cnt - r0);
-            j->ops->gemm(&m->fmt, &m->down, slot, p0, np, &A, off + r0, rows, rows_out, cols);
-            for (int32_t r = 0; r < rows; r++) {
-                const float wr = w->row_w[off + r0 + r];
-                const float *src = rows_out + (int64_t)r * cols;
-                float *dst = sums + (int64_t)w->pair_token[off + r0 + r] * cols;
-                for (int32_t c = 0; c < cols; c++) dst[c] += wr * src[c];
-            }
-        }
+        j->ops->gemm(&m->fmt, &m->down, slot, p0, np, &A, off, cnt, w->ypair + (int64_t)off * H + p0 * KT_PANEL, H);
     }
-    uint8_t *y = (uint8_t *)j->y + (int64_t)p0 * KT_PANEL * (j->y_dtype == KT_DT_F32 ? 4 : 2);
-    j->ops->store_rows(y, j->y_dtype, H, sums, cols, NULL, j->T, cols);
+    j->ops->reduce(j->y, j->y_dtype, H, w->ypair, w->tk_row, j->w, j->K, 0, j->T, p0 * KT_PANEL,
+                   (p0 + np) * KT_PANEL);
 }
 
 static void one_phase_item(kt_job *j, int32_t item, int32_t worker) {
     kt_ws *w = &j->ws;
     if (item >= j->n_gu_items) {
         wait_experts_ready(j);
-        down_all_experts(j, item - j->n_gu_items, worker);
+        down_all_experts(j, item - j->n_gu_items);
         return;
     }
     const kt_act A = {w->xq, w->xrow, w->xs, w->xsum, j->moe->gate.ngroups, w->pair_token};
@@ -754,7 +740,8 @@ void kt_job_item(kt_job *j, int32_t phase, int32_t item, int32_t worker) {
     if (j->moe->n_parts) { /* the sum of the parts' partial outputs, in part order */
         const kt_moe *m = j->moe;
         const int32_t t0 = item * KT_TCH, t1 = min32(j->T, t0 + KT_TCH);
-        j->ops->reduce(j->y, j->y_dtype, m->d.hidden, m->partial, m->sum_rows, m->ones, m->n_parts, t0, t1);
+        j->ops->reduce(j->y, j->y_dtype, m->d.hidden, m->partial, m->sum_rows, m->ones, m->n_parts, t0, t1, 0,
+                       m->d.hidden);
         return;
     }
     if (j->one_phase) {
@@ -774,7 +761,8 @@ void kt_job_item(kt_job *j, int32_t phase, int32_t item, int32_t worker) {
     case KT_PH_DOWN: down(j, item, worker); break;
     case KT_PH_REDUCE: {
         const int32_t t0 = item * KT_TCH, t1 = min32(j->T, t0 + KT_TCH);
-        j->ops->reduce(j->y, j->y_dtype, j->moe->d.hidden, j->ws.ypair, j->ws.tk_row, j->w, j->K, t0, t1);
+        j->ops->reduce(j->y, j->y_dtype, j->moe->d.hidden, j->ws.ypair, j->ws.tk_row, j->w, j->K, t0, t1, 0,
+                       j->moe->d.hidden);
         break;
     }
     default: break;
