@@ -22,6 +22,10 @@ become memory operations: "submit" writes the job's code into the doorbell's req
 runs the same submit and wait functions; the driver's callback thread, a round trip of tens
 of microseconds per host node, is out of the path. ``runner.signal`` says which one is used.
 
+On CUDA, where the probe of ktcore.runtime.mapped_copies passes, the copies are GPU kernels
+that store the inputs into the mapped pinned buffers (one launch) and load y from them,
+instead of three D2H and one H2D memcpy: ``runner.copies`` says which.
+
 Job protocol (what an Experts operator must offer to run inside a graph):
 
 - ``make_job(x, topk_ids, topk_weights, y) -> job`` binding fixed contiguous CPU buffers
@@ -45,7 +49,7 @@ import weakref
 import torch
 
 from ktcore.runtime import cudart as rt
-from ktcore.runtime import stream_memops
+from ktcore.runtime import mapped_copies, stream_memops
 
 
 #: Live runners by handle: the custom ops below receive the handle (an int), not the runner.
@@ -69,8 +73,9 @@ def _release_doorbell(bell, codes: dict[int, int]) -> None:
 class PendingForward:
     """A submitted forward: ``finish()`` enqueues the wait and the copy back, returns y."""
 
-    def __init__(self, runner: HostExpertsRunner, job, T: int, stream: int):
+    def __init__(self, runner: HostExpertsRunner, job, T: int, stream: int, torch_stream=None):
         self.runner, self.job, self.T, self.stream = runner, job, T, stream
+        self.torch_stream = torch_stream  # the same stream as a torch object (mapped copies)
 
     def finish(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """Enqueues the wait and the copy of y into ``out`` (contiguous ``[T, H]`` in the
@@ -83,7 +88,12 @@ class PendingForward:
             rt.enqueue_host_func(self.job.host_functions()[1], self.job.address, self.stream)
         y_pin = r.y_pin[:self.T]
         y = r.y_gpu[:self.T] if out is None else out
-        rt.cudart().memcpy_async(y.data_ptr(), y_pin.data_ptr(), y_pin.numel() * y_pin.element_size(), self.stream)
+        if r.mapped is not None:
+            with torch.cuda.stream(self.torch_stream):
+                mapped_copies.load(r.mapped["y"], y)
+        else:
+            rt.cudart().memcpy_async(y.data_ptr(), y_pin.data_ptr(), y_pin.numel() * y_pin.element_size(),
+                                     self.stream)
         return y
 
 
@@ -123,6 +133,12 @@ class HostExpertsRunner:
         self.codes: dict[int, int] = {}  # T -> the doorbell code of job(T)
         self.req_word = self.done_word = 0  # device addresses of the doorbell's two words
         self.doorbell, self.signal = self._ring_doorbell()
+        self.mapped = None  # name -> device view of a pinned buffer, where kernels do the copies
+        ok, why = mapped_copies.available(self.device) if pin else (False, "not a CUDA device")
+        if ok:
+            self.mapped = {name: mapped_copies.mapped(t) for name, t in
+                           (("x", self.x_pin), ("ids", self.ids_pin), ("w", self.w_pin), ("y", self.y_pin))}
+        self.copies = "kernels" if ok else f"memcpy ({why})"
         self._release = weakref.finalize(self, _release_doorbell, self.doorbell, self.codes)
         self.python_calls = 0  # forwards that went through Python (a replay adds none)
         self.handle = next(_HANDLES)
@@ -183,14 +199,17 @@ class HostExpertsRunner:
             # is not reused before the copies below (enqueued on the same stream) have read it
             srcs = (x.to(self.dtype).contiguous(), topk_ids.to(torch.int64).contiguous(),
                     topk_weights.to(torch.float32).contiguous())
+            if self.mapped is not None:
+                mapped_copies.stage(*srcs, self.mapped["x"], self.mapped["ids"], self.mapped["w"])
         job = self.job(T)
-        for src, dst in zip(srcs, (self.x_pin, self.ids_pin, self.w_pin)):
-            rt.cudart().memcpy_async(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size(), handle)
+        if self.mapped is None:
+            for src, dst in zip(srcs, (self.x_pin, self.ids_pin, self.w_pin)):
+                rt.cudart().memcpy_async(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size(), handle)
         if self.doorbell is not None:
             stream_memops.write_value(handle, self.req_word, self.codes[T])
         else:
             rt.enqueue_host_func(job.host_functions()[0], job.address, handle)
-        return PendingForward(self, job, T, handle)
+        return PendingForward(self, job, T, handle, stream if self.device.type == "cuda" else None)
 
     def check_status(self) -> None:
         """Raises the error of the last finished forward of each token count, if any (host

@@ -83,17 +83,20 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def _check_signal(runner: HostExpertsRunner, expect_signal: str | None) -> None:
+def _check_signal(runner: HostExpertsRunner, expect_signal: str | None, expect_copies: str | None) -> None:
     if expect_signal is not None:
         assert runner.signal.startswith(expect_signal), (runner.signal, expect_signal)
+    if expect_copies is not None:
+        assert runner.copies.startswith(expect_copies), (runner.copies, expect_copies)
 
 
 def check_runner_eager(experts, reference, dtype: torch.dtype, tolerance: float = 2e-2,
-                       expect_signal: str | None = None) -> None:
+                       expect_signal: str | None = None, expect_copies: str | None = None) -> None:
     """GPU host: ``reference`` is an Experts operator on the GPU (e.g. TorchExperts, fp32);
-    ``expect_signal``: how the runner must reach the CPU ("doorbell" or "host nodes")."""
+    ``expect_signal``: how the runner must reach the CPU ("doorbell" or "host nodes");
+    ``expect_copies``: how its data must move ("kernels" or "memcpy")."""
     runner = HostExpertsRunner(experts, max_tokens=16, dtype=dtype)
-    _check_signal(runner, expect_signal)
+    _check_signal(runner, expect_signal, expect_copies)
     assert "libcudart" in Path(rt.cudart().path).name
     for T, seed in ((16, 1), (5, 2), (1, 3)):
         x, ids, w = random_inputs(experts.spec, T, seed, "cuda")
@@ -114,12 +117,13 @@ def _calls_under(package: Path, seen: list):
     return profile
 
 
-def check_graph_replay(experts, T: int, package: Path, replays: int = 5, expect_signal: str | None = None) -> None:
+def check_graph_replay(experts, T: int, package: Path, replays: int = 5, expect_signal: str | None = None,
+                       expect_copies: str | None = None) -> None:
     """GPU host: see the module docstring; ``package`` is the plugin's directory, none of
     whose Python may run during a replay."""
     spec = experts.spec
     runner = HostExpertsRunner(experts, max_tokens=8, dtype=torch.bfloat16)
-    _check_signal(runner, expect_signal)
+    _check_signal(runner, expect_signal, expect_copies)
     dev = torch.device("cuda")
     static_x = torch.zeros(T, spec.hidden_size, dtype=torch.bfloat16, device=dev)
     static_ids = torch.zeros(T, spec.top_k, dtype=torch.int64, device=dev)

@@ -41,22 +41,29 @@ def test_runner_plumbing_with_fake_runtime(dtype):
 #: How the runner reaches the CPU: kt-amx's doorbell (the default where the driver offers
 #: stream memory operations) or host nodes (KTCORE_HOST_SIGNAL=host-nodes).
 SIGNALS = {"doorbell": "auto", "host nodes": "host-nodes"}
+#: How its data moves: GPU kernels through the mapped pinned buffers (the default where the
+#: probe passes) or memcpys (KTCORE_HOST_COPIES=memcpy).
+COPIES = {"kernels": "auto", "memcpy": "memcpy"}
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("copies", COPIES)
 @pytest.mark.parametrize("signal", SIGNALS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_runner_eager_matches_cpu_op_and_torch_experts(dtype, signal, monkeypatch):
+def test_runner_eager_matches_cpu_op_and_torch_experts(dtype, signal, copies, monkeypatch):
     monkeypatch.setenv("KTCORE_HOST_SIGNAL", SIGNALS[signal])
+    monkeypatch.setenv("KTCORE_HOST_COPIES", COPIES[copies])
     amx = make("bf16")
     ref = TorchExperts(ExpertsSpec(E, H, I, K), "cuda", {"dtype": "fp32"})
     ref.load_weights({k: v.contiguous() for k, v in amx.dequantized().items()})
-    check_runner_eager(amx, ref, dtype, expect_signal=signal)
+    check_runner_eager(amx, ref, dtype, expect_signal=signal, expect_copies=copies)
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("copies", COPIES)
 @pytest.mark.parametrize("signal", SIGNALS)
 @pytest.mark.parametrize("T", [1, 7])
-def test_graph_capture_replays_cpu_experts_without_python(T, signal, monkeypatch):
+def test_graph_capture_replays_cpu_experts_without_python(T, signal, copies, monkeypatch):
     monkeypatch.setenv("KTCORE_HOST_SIGNAL", SIGNALS[signal])
-    check_graph_replay(make("int4"), T, PACKAGE, expect_signal=signal)
+    monkeypatch.setenv("KTCORE_HOST_COPIES", COPIES[copies])
+    check_graph_replay(make("int4"), T, PACKAGE, expect_signal=signal, expect_copies=copies)

@@ -1,0 +1,60 @@
+"""Mapped copies (ktcore.runtime.mapped_copies): the choice between them and memcpys on any
+host; on the GPU host, the kernels move odd-sized inputs and outputs exactly, eagerly and in a
+captured graph, and a runner picks them by default."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ktcore.runtime import mapped_copies
+
+
+def test_cpu_device_and_setting_choose_memcpy(monkeypatch):
+    assert mapped_copies.available(torch.device("cpu")) == (False, "not a CUDA device")
+    monkeypatch.setenv(mapped_copies.COPIES_ENV, "memcpy")
+    ok, why = mapped_copies.available(torch.device("cuda", 0))
+    assert not ok and "memcpy" in why
+    monkeypatch.setenv(mapped_copies.COPIES_ENV, "dma-please")
+    with pytest.raises(ValueError, match="KTCORE_HOST_COPIES"):
+        mapped_copies.available(torch.device("cpu"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T,H,K", [(1, 2048, 8), (5, 1000, 6), (3, 3, 1)])
+def test_kernels_move_exact_values_eager_and_captured(T, H, K):
+    ok, why = mapped_copies.available(torch.device("cuda"))
+    assert ok, why
+    gen = torch.Generator(device="cuda").manual_seed(T)
+    pins = {"x": torch.zeros(8, H, dtype=torch.bfloat16, pin_memory=True),
+            "ids": torch.zeros(8, K, dtype=torch.int64, pin_memory=True),
+            "w": torch.zeros(8, K, dtype=torch.float32, pin_memory=True),
+            "y": torch.zeros(8, H, dtype=torch.bfloat16, pin_memory=True)}
+    views = {name: mapped_copies.mapped(t) for name, t in pins.items()}
+    x = torch.randn(T, H, device="cuda", generator=gen).to(torch.bfloat16)
+    ids = torch.randint(-5, 1 << 40, (T, K), device="cuda", generator=gen)
+    w = torch.randn(T, K, device="cuda", generator=gen)
+    out = torch.full((T, H), 7.0, dtype=torch.bfloat16, device="cuda")
+
+    def step():
+        mapped_copies.stage(x, ids, w, views["x"], views["ids"], views["w"])
+        mapped_copies.load(views["y"], out)
+
+    for captured in (False, True):
+        for t in pins.values():
+            t.zero_()
+        y = torch.randn(T, H).to(torch.bfloat16)
+        pins["y"][:T].copy_(y)
+        if captured:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step()
+            pins["y"][:T].copy_(-y)  # what a replay must load: the buffer's content at replay time
+            graph.replay()
+            y = -y
+        else:
+            step()
+        torch.cuda.synchronize()
+        assert torch.equal(pins["x"][:T], x.cpu()) and torch.equal(pins["ids"][:T], ids.cpu())
+        assert torch.equal(pins["w"][:T], w.cpu()) and torch.equal(out.cpu(), y)
+        assert pins["x"][T:].abs().sum() == 0  # nothing past the T rows
