@@ -22,12 +22,8 @@ move exact values. ``KTCORE_HOST_COPIES``: ``auto`` (default: kernels where the 
 from __future__ import annotations
 
 import functools
-import logging
-import os
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 COPIES_ENV = "KTCORE_HOST_COPIES"
 _BLOCK = 1024
@@ -132,15 +128,7 @@ def _probe(device_index: int) -> str:
 def available(device: torch.device) -> tuple[bool, str]:
     """``(True, "")`` when runners on ``device`` may move their data with the kernels, else
     ``(False, why)`` (the setting of KTCORE_HOST_COPIES, no CUDA, or the probe's finding)."""
-    mode = os.environ.get(COPIES_ENV, "auto").strip().lower() or "auto"
-    if mode not in ("auto", "memcpy"):
-        raise ValueError(f"{COPIES_ENV} must be 'auto' or 'memcpy', got {mode!r}")
-    if mode == "memcpy":
-        return False, f"{COPIES_ENV}=memcpy"
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return False, "not a CUDA device"
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    why = _probe(index)
-    if why:
-        logger.info("mapped copies unavailable on cuda:%d (%s): CPU experts use memcpys", index, why)
-    return not why, why
+    from ktcore.runtime.stream_memops import probed_setting
+
+    return probed_setting(COPIES_ENV, "memcpy", device, _probe,
+                          "mapped copies unavailable on cuda:%d (%s): CPU experts use memcpys")

@@ -119,19 +119,26 @@ def _probe(device_index: int) -> str:
     return ""
 
 
-def available(device: torch.device) -> tuple[bool, str]:
-    """``(True, "")`` when runners on ``device`` may signal with memory operations, else
-    ``(False, why)`` (the setting of KTCORE_HOST_SIGNAL, no CUDA, or the probe's finding)."""
-    mode = os.environ.get(SIGNAL_ENV, "auto").strip().lower() or "auto"
-    if mode not in ("auto", "host-nodes"):
-        raise ValueError(f"{SIGNAL_ENV} must be 'auto' or 'host-nodes', got {mode!r}")
-    if mode == "host-nodes":
-        return False, f"{SIGNAL_ENV}=host-nodes"
+def probed_setting(env: str, off: str, device: torch.device, probe, unavailable: str) -> tuple[bool, str]:
+    """``(True, "")`` when the environment setting ``env`` (``auto``, the default, or ``off``)
+    lets ``device`` use a CUDA feature and ``probe(device_index)`` (``''`` = it works) passes;
+    else ``(False, why)``. ``unavailable``: the INFO log line (``%d`` index, ``%s`` why)."""
+    mode = os.environ.get(env, "auto").strip().lower() or "auto"
+    if mode not in ("auto", off):
+        raise ValueError(f"{env} must be 'auto' or '{off}', got {mode!r}")
+    if mode == off:
+        return False, f"{env}={off}"
     if device.type != "cuda" or not torch.cuda.is_available():
         return False, "not a CUDA device"
     index = device.index if device.index is not None else torch.cuda.current_device()
-    why = _probe(index)
+    why = probe(index)
     if why:
-        logger.info("CUDA stream memory operations unavailable on cuda:%d (%s): CPU experts use host nodes",
-                    index, why)
+        logger.info(unavailable, index, why)
     return not why, why
+
+
+def available(device: torch.device) -> tuple[bool, str]:
+    """``(True, "")`` when runners on ``device`` may signal with memory operations, else
+    ``(False, why)`` (the setting of KTCORE_HOST_SIGNAL, no CUDA, or the probe's finding)."""
+    return probed_setting(SIGNAL_ENV, "host-nodes", device, _probe,
+                          "CUDA stream memory operations unavailable on cuda:%d (%s): CPU experts use host nodes")

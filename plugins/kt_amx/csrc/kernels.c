@@ -714,27 +714,19 @@ static void emu_dpbf16ps(int c, int a, int b) {
             memcpy(&emu.data[c][m][4 * n], &s, 4);
         }
 }
-static void emu_dpbsud(int c, int a, int b) {
+/* int8 tile dot product: signed A bytes times B bytes, unsigned (tdpbsud) or signed (tdpbssd:
+ * int4 weights unpacked to signed bytes, gemm_amx_v2). */
+static void emu_dpbs(int c, int a, int b, int b_signed) {
     emu_shapes(c, a, b);
     for (int m = 0; m < emu.rows[c]; m++)
         for (int n = 0; n < emu.colsb[c] / 4; n++) {
             int32_t s;
             memcpy(&s, &emu.data[c][m][4 * n], 4);
             for (int kk = 0; kk < emu.rows[b]; kk++)
-                for (int i = 0; i < 4; i++) s += (int8_t)emu.data[a][m][4 * kk + i] * (int32_t)emu.data[b][kk][4 * n + i];
-            memcpy(&emu.data[c][m][4 * n], &s, 4);
-        }
-}
-/* signed x signed: int4 weights unpacked to signed bytes (gemm_amx_v2) */
-static void emu_dpbssd(int c, int a, int b) {
-    emu_shapes(c, a, b);
-    for (int m = 0; m < emu.rows[c]; m++)
-        for (int n = 0; n < emu.colsb[c] / 4; n++) {
-            int32_t s;
-            memcpy(&s, &emu.data[c][m][4 * n], 4);
-            for (int kk = 0; kk < emu.rows[b]; kk++)
-                for (int i = 0; i < 4; i++)
-                    s += (int8_t)emu.data[a][m][4 * kk + i] * (int32_t)(int8_t)emu.data[b][kk][4 * n + i];
+                for (int i = 0; i < 4; i++) {
+                    const uint8_t w = emu.data[b][kk][4 * n + i];
+                    s += (int8_t)emu.data[a][m][4 * kk + i] * (b_signed ? (int32_t)(int8_t)w : (int32_t)w);
+                }
             memcpy(&emu.data[c][m][4 * n], &s, 4);
         }
 }
@@ -744,8 +736,8 @@ static void emu_dpbssd(int c, int a, int b) {
 #define KT_TILE_STORE(t, base, stride) emu_stored(t, base, stride)
 #define KT_TILE_ZERO(t) emu_zero(t)
 #define KT_TILE_DPBF16(c, a, b) emu_dpbf16ps(c, a, b)
-#define KT_TILE_DPBSUD(c, a, b) emu_dpbsud(c, a, b)
-#define KT_TILE_DPBSSD(c, a, b) emu_dpbssd(c, a, b)
+#define KT_TILE_DPBSUD(c, a, b) emu_dpbs(c, a, b, 0)
+#define KT_TILE_DPBSSD(c, a, b) emu_dpbs(c, a, b, 1)
 const int kt_amx_emulated_build = 1;
 #else
 #define KT_TILE_CONFIG(cfg) _tile_loadconfig(cfg)

@@ -356,20 +356,33 @@ static const int8_t K4_SC_CTRL[4][64] = {
 static const int8_t K4_MIN_CTRL[32] = {8, -128, 8, -128, 9, -128, 9, -128, 10, -128, 10, -128, 11, -128, 11, -128,
                                        12, -128, 12, -128, 13, -128, 13, -128, 14, -128, 14, -128, 15, -128, 15, -128};
 
-KTL_INLINE void kdec_q45(const uint8_t *b, const uint8_t *qs, kdec *o) {
+/* The 256 nibble codes of a Q4_K/Q5_K super-block: q[2h] the low nibbles of bytes 64h..64h+63
+ * (groups 4h, 4h+2), q[2h+1] their high nibbles (groups 4h+1, 4h+3). */
+KTL_INLINE void k4_nibbles(const uint8_t *qs, __m512i q[4]) {
     __m512i m4 = _mm512_set1_epi8(15);
-    for (int h = 0; h < 2; h++) { /* low nibbles: groups 4h, 4h+2; high: 4h+1, 4h+3 */
+    for (int h = 0; h < 2; h++) {
         __m512i v = _mm512_loadu_si512((const void *)(qs + 64 * h));
-        o->q[2 * h] = _mm512_and_si512(v, m4);
-        o->q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+        q[2 * h] = _mm512_and_si512(v, m4);
+        q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
     }
+}
+
+/* A Q4_K/Q5_K head: d, dmin, the mins per 16 codes (corr); returns the unpacked scales in
+ * every 128-bit lane, for the callers' scale shuffles. */
+KTL_INLINE __m512i k4_head(const uint8_t *b, __m256i *corr, float *d, float *dmin) {
     __m128i head = _mm_loadu_si128((const __m128i *)b);
     __m512i r = _mm512_broadcast_i32x4(k4_scales_simd(head));
-    for (int c = 0; c < 4; c++) o->sc[c] = _mm512_shuffle_epi8(r, _mm512_loadu_si512((const void *)K4_SC_CTRL[c]));
-    o->corr = _mm256_shuffle_epi8(_mm512_castsi512_si256(r), _mm256_loadu_si256((const __m256i *)K4_MIN_CTRL));
+    *corr = _mm256_shuffle_epi8(_mm512_castsi512_si256(r), _mm256_loadu_si256((const __m256i *)K4_MIN_CTRL));
     __m128 dd = _mm_cvtph_ps(head); /* d, dmin */
-    o->d = _mm_cvtss_f32(dd);
-    o->dmin = _mm_cvtss_f32(_mm_movehdup_ps(dd));
+    *d = _mm_cvtss_f32(dd);
+    *dmin = _mm_cvtss_f32(_mm_movehdup_ps(dd));
+    return r;
+}
+
+KTL_INLINE void kdec_q45(const uint8_t *b, const uint8_t *qs, kdec *o) {
+    k4_nibbles(qs, o->q);
+    __m512i r = k4_head(b, &o->corr, &o->d, &o->dmin);
+    for (int c = 0; c < 4; c++) o->sc[c] = _mm512_shuffle_epi8(r, _mm512_loadu_si512((const void *)K4_SC_CTRL[c]));
 }
 
 KTL_INLINE void kdec_q4_k(const uint8_t *b, kdec *o) { kdec_q45(b, b + Q4_K_QS, o); }
@@ -385,16 +398,22 @@ KTL_INLINE void kdec_q5_k(const uint8_t *b, kdec *o) {
     }
 }
 
-KTL_INLINE void kdec_q6_k(const uint8_t *b, kdec *o) {
+/* The 256 six-bit codes of a Q6_K super-block (unsigned, 0..63): low nibbles with their two
+ * high bits, in the same group order as k4_nibbles. */
+KTL_INLINE void k6_codes(const uint8_t *b, __m512i q[4]) {
     __m512i m4 = _mm512_set1_epi8(15), m30 = _mm512_set1_epi8(0x30);
     __m512i sh_a = _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4), sh_b = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);
     for (int h = 0; h < 2; h++) {
         __m512i l = _mm512_loadu_si512((const void *)(b + Q6_K_QL + 64 * h));
         __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + Q6_K_QH + 32 * h)));
         __m512i lo = _mm512_and_si512(l, m4), hi = _mm512_and_si512(_mm512_srli_epi16(l, 4), m4);
-        o->q[2 * h] = _mm512_or_si512(lo, _mm512_and_si512(_mm512_sllv_epi64(qh, sh_a), m30));
-        o->q[2 * h + 1] = _mm512_or_si512(hi, _mm512_and_si512(_mm512_srlv_epi64(qh, sh_b), m30));
+        q[2 * h] = _mm512_or_si512(lo, _mm512_and_si512(_mm512_sllv_epi64(qh, sh_a), m30));
+        q[2 * h + 1] = _mm512_or_si512(hi, _mm512_and_si512(_mm512_srlv_epi64(qh, sh_b), m30));
     }
+}
+
+KTL_INLINE void kdec_q6_k(const uint8_t *b, kdec *o) {
+    k6_codes(b, o->q);
     __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(b + Q6_K_SC)));
     group16_scales(s16, o);
     o->corr = _mm256_slli_epi16(s16, 5);
@@ -525,20 +544,9 @@ static const int8_t K4_SC1_CTRL[2][64] = {
 };
 
 KTL_INLINE void kdec1_q4_k(const uint8_t *b, kdec1 *o) {
-    const uint8_t *qs = b + Q4_K_QS;
-    __m512i m4 = _mm512_set1_epi8(15);
-    for (int h = 0; h < 2; h++) {
-        __m512i v = _mm512_loadu_si512((const void *)(qs + 64 * h));
-        o->q[2 * h] = _mm512_and_si512(v, m4);
-        o->q[2 * h + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
-    }
-    __m128i head = _mm_loadu_si128((const __m128i *)b);
-    __m512i r = _mm512_broadcast_i32x4(k4_scales_simd(head));
+    k4_nibbles(b + Q4_K_QS, o->q);
+    __m512i r = k4_head(b, &o->corr, &o->d, &o->dmin);
     for (int c = 0; c < 2; c++) o->sc[c] = _mm512_shuffle_epi8(r, _mm512_loadu_si512((const void *)K4_SC1_CTRL[c]));
-    o->corr = _mm256_shuffle_epi8(_mm512_castsi512_si256(r), _mm256_loadu_si256((const __m256i *)K4_MIN_CTRL));
-    __m128 dd = _mm_cvtph_ps(head); /* d, dmin */
-    o->d = _mm_cvtss_f32(dd);
-    o->dmin = _mm_cvtss_f32(_mm_movehdup_ps(dd));
 }
 
 /* Q6_K (natural order, zmm c = values 64c..64c+63): lane L of pack(D0, D1) holds 16-groups L
@@ -553,15 +561,7 @@ static const int8_t K6_SC1_CTRL[2][64] = {
 };
 
 KTL_INLINE void kdec1_q6_k(const uint8_t *b, kdec1 *o) {
-    __m512i m4 = _mm512_set1_epi8(15), m30 = _mm512_set1_epi8(0x30);
-    __m512i sh_a = _mm512_set_epi64(2, 2, 2, 2, 4, 4, 4, 4), sh_b = _mm512_set_epi64(2, 2, 2, 2, 0, 0, 0, 0);
-    for (int h = 0; h < 2; h++) {
-        __m512i l = _mm512_loadu_si512((const void *)(b + Q6_K_QL + 64 * h));
-        __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(b + Q6_K_QH + 32 * h)));
-        __m512i lo = _mm512_and_si512(l, m4), hi = _mm512_and_si512(_mm512_srli_epi16(l, 4), m4);
-        o->q[2 * h] = _mm512_or_si512(lo, _mm512_and_si512(_mm512_sllv_epi64(qh, sh_a), m30));
-        o->q[2 * h + 1] = _mm512_or_si512(hi, _mm512_and_si512(_mm512_srlv_epi64(qh, sh_b), m30));
-    }
+    k6_codes(b, o->q);
     __m128i s8 = _mm_loadu_si128((const __m128i *)(b + Q6_K_SC));
     __m512i r = _mm512_broadcast_i32x4(s8);
     for (int c = 0; c < 2; c++)
