@@ -86,12 +86,12 @@ class PendingForward:
             stream_memops.write_value(self.stream, r.done_word, 0)
         else:
             rt.enqueue_host_func(self.job.host_functions()[1], self.job.address, self.stream)
-        y_pin = r.y_pin[:self.T]
         y = r.y_gpu[:self.T] if out is None else out
         if r.mapped is not None:
             with torch.cuda.stream(self.torch_stream):
                 mapped_copies.load(r.mapped["y"], y)
         else:
+            y_pin = r.y_pin[:self.T]
             rt.cudart().memcpy_async(y.data_ptr(), y_pin.data_ptr(), y_pin.numel() * y_pin.element_size(),
                                      self.stream)
         return y

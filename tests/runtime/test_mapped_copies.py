@@ -1,6 +1,7 @@
-"""Mapped copies (ktcore.runtime.mapped_copies): the choice between them and memcpys on any
-host; on the GPU host, the kernels move odd-sized inputs and outputs exactly, eagerly and in a
-captured graph, and a runner picks them by default."""
+"""Mapped copies (ktcore.runtime.mapped_copies) on the GPU host: the kernels move odd-sized
+inputs and outputs exactly, eagerly and in a captured graph. Their setting is tested beside
+stream_memops' (tests/runtime/test_stream_memops.py, one helper), runners with them in the
+plugins' test_host_experts.py."""
 
 from __future__ import annotations
 
@@ -8,16 +9,6 @@ import pytest
 import torch
 
 from ktcore.runtime import mapped_copies
-
-
-def test_cpu_device_and_setting_choose_memcpy(monkeypatch):
-    assert mapped_copies.available(torch.device("cpu")) == (False, "not a CUDA device")
-    monkeypatch.setenv(mapped_copies.COPIES_ENV, "memcpy")
-    ok, why = mapped_copies.available(torch.device("cuda", 0))
-    assert not ok and "memcpy" in why
-    monkeypatch.setenv(mapped_copies.COPIES_ENV, "dma-please")
-    with pytest.raises(ValueError, match="KTCORE_HOST_COPIES"):
-        mapped_copies.available(torch.device("cpu"))
 
 
 @pytest.mark.cuda

@@ -1,6 +1,7 @@
 """Stream memory operations (ktcore.runtime.stream_memops): the choice between them and host
-nodes on any host; on the GPU host, a stream's write and wait on page-locked memory, eager and
-captured, answered by a Python thread standing in for a CPU backend's watcher."""
+nodes on any host, and by the same helper between mapped copies and memcpys; on the GPU host,
+a stream's write and wait on page-locked memory, eager and captured, answered by a Python
+thread standing in for a CPU backend's watcher."""
 
 from __future__ import annotations
 
@@ -10,17 +11,23 @@ import time
 import pytest
 import torch
 
-from ktcore.runtime import stream_memops
+from ktcore.runtime import mapped_copies, stream_memops
 
 
-def test_cpu_device_and_setting_choose_host_nodes(monkeypatch):
-    assert stream_memops.available(torch.device("cpu")) == (False, "not a CUDA device")
-    monkeypatch.setenv(stream_memops.SIGNAL_ENV, "host-nodes")
-    ok, why = stream_memops.available(torch.device("cuda", 0))
-    assert not ok and "host-nodes" in why
-    monkeypatch.setenv(stream_memops.SIGNAL_ENV, "carrier-pigeon")
-    with pytest.raises(ValueError, match="KTCORE_HOST_SIGNAL"):
-        stream_memops.available(torch.device("cpu"))
+@pytest.mark.parametrize("available,env,off", [
+    (stream_memops.available, "KTCORE_HOST_SIGNAL", "host-nodes"),  # memory operations or host nodes
+    (mapped_copies.available, "KTCORE_HOST_COPIES", "memcpy"),  # mapped-copy kernels or memcpys
+])
+def test_cpu_device_and_setting_choose_the_fallback(available, env, off, monkeypatch):
+    """Both probed settings (stream_memops.probed_setting): off on a CPU device, off when set
+    so, and a clear error for any other value."""
+    assert available(torch.device("cpu")) == (False, "not a CUDA device")
+    monkeypatch.setenv(env, off)
+    ok, why = available(torch.device("cuda", 0))
+    assert not ok and off in why
+    monkeypatch.setenv(env, "carrier-pigeon")
+    with pytest.raises(ValueError, match=env):
+        available(torch.device("cpu"))
 
 
 def answer(words: torch.Tensor, code: int, stop: threading.Event) -> None:

@@ -776,13 +776,20 @@ static void KT_FN(tile_release)(void) {
     }
 }
 
-/* int4 panel -> [k/4][16][4] u8, the B-tile layout of int8 weights. */
-static void unpack_int4_panel(const uint8_t *wp, int32_t k, uint8_t *dst) {
-    const __m512i nib = _mm512_set1_epi8(0x0F);
-    for (int32_t j = 0; j < k / 8; j++) {
-        __m512i v = _mm512_loadu_si512(wp + 64 * (int64_t)j);
-        _mm512_storeu_si512(dst + 128 * (int64_t)j, _mm512_and_si512(v, nib));
-        _mm512_storeu_si512(dst + 128 * (int64_t)j + 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
+/* n int4 weights of a panel (n/8 vectors) -> [n/4][16][4] bytes, the B-tile layout of int8
+ * weights: vector j's low nibbles are k 8j..8j+3, its high nibbles k 8j+4..8j+7; SYM: as
+ * signed bytes u - 8 (variant 2's tdpbssd), else u. The source is prefetched `pf` bytes ahead
+ * up to pf_end (pf 0: not). dst 64-byte aligned. */
+KT_INLINE void unpack_int4(const int SYM, const uint8_t *src, int32_t n, uint8_t *dst, int64_t pf,
+                           const uint8_t *pf_end) {
+    const __m512i nib = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
+    for (int32_t j = 0; j < n / 8; j++) {
+        prefetch_ahead(src + 64 * (int64_t)j, pf, pf_end);
+        const __m512i v = _mm512_loadu_si512(src + 64 * (int64_t)j);
+        __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+        if (SYM) lo = _mm512_sub_epi8(lo, eight), hi = _mm512_sub_epi8(hi, eight);
+        _mm512_store_si512(dst + 128 * (int64_t)j, lo);
+        _mm512_store_si512(dst + 128 * (int64_t)j + 64, hi);
     }
 }
 
@@ -837,7 +844,7 @@ static void gemm_amx_v1(const kt_fmt *fmt, const kt_mat *W, int32_t slot, int32_
         const uint8_t *mp = W->zmin ? W->zmin + slot * W->s_slot + p * W->s_panel : NULL;
         const uint8_t *src = wp;
         if (fmt->format == KT_FMT_INT4) {
-            unpack_int4_panel(wp, k, unpacked);
+            unpack_int4(0, wp, k, unpacked, 0, NULL);
             src = unpacked;
         }
         amx_configure(kb == 64 ? 1 : 2);
@@ -1043,19 +1050,6 @@ static void v2_rescale(const v2_ctx *x, const v2_unit *u, const int32_t *cbuf) {
     else v2_rescale_fmt(0, 0, x, u, cbuf);
 }
 
-/* One int4 group of a panel (G/8 vectors) -> [G/4][16][4] signed bytes, the B-tile layout:
- * vector j's low nibbles are k 8j..8j+3, its high nibbles k 8j+4..8j+7. */
-KT_INLINE void v2_unpack_group(const int SYM, const v2_ctx *x, const uint8_t *src, int32_t G, uint8_t *dst) {
-    const __m512i nib = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
-    for (int32_t j = 0; j < G / 8; j++) {
-        prefetch_ahead(src + 64 * (int64_t)j, x->pf, x->pf_end);
-        const __m512i v = _mm512_loadu_si512(src + 64 * (int64_t)j);
-        __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-        if (SYM) lo = _mm512_sub_epi8(lo, eight), hi = _mm512_sub_epi8(hi, eight);
-        _mm512_store_si512(dst + 128 * (int64_t)j, lo);
-        _mm512_store_si512(dst + 128 * (int64_t)j + 64, hi);
-    }
-}
 
 static void gemm_amx_v2(const kt_fmt *fmt, const kt_mat *W, int32_t slot, int32_t panel0, int32_t npanels,
                         const kt_act *A, int32_t row0, int32_t M, float *out, int64_t ldo, uint8_t *scratch) {
@@ -1088,8 +1082,8 @@ static void gemm_amx_v2(const kt_fmt *fmt, const kt_mat *W, int32_t slot, int32_
             for (int q = 0; q < pt; q++) {
                 if (is4) {
                     uint8_t *dst = ubuf + (int64_t)q * G * 16;
-                    if (fmt->zero) v2_unpack_group(1, &x, wp[q] + g * gbytes, G, dst);
-                    else v2_unpack_group(0, &x, wp[q] + g * gbytes, G, dst);
+                    if (fmt->zero) unpack_int4(1, wp[q] + g * gbytes, G, dst, x.pf, x.pf_end);
+                    else unpack_int4(0, wp[q] + g * gbytes, G, dst, x.pf, x.pf_end);
                     u.b[q] = dst;
                 } else {
                     u.b[q] = wp[q] + g * gbytes;

@@ -101,60 +101,50 @@ static act_kinds act_kinds_of(const ktl_kernels *kern, const ktl_experts_desc *d
     return a;
 }
 
-/* Reserves `bytes` (64-aligned) at *at in the workspace block; its offset, or -1 when unused. */
-static int64_t take(int64_t *at, int64_t bytes, int used) {
-    if (!used) return -1;
-    int64_t off = *at;
+/* The next `bytes` (64-aligned) of the block at base + *at, or NULL when unused or only
+ * measuring (base NULL). */
+static void *carve(uint8_t *base, int64_t *at, int64_t bytes, int used) {
+    if (!used) return NULL;
+    void *p = base ? base + *at : NULL;
     *at += ktl_align(bytes > 0 ? bytes : 1);
-    return off;
+    return p;
 }
 
-static void *at_offset(void *block, int64_t off) { return off < 0 ? NULL : (uint8_t *)block + off; }
-
-/* Sized with the selected kernel table's activation kinds; every table uses the same kinds up
- * to Q8_K vs Q8_KP (same layout, groups reordered), so the workspace fits whichever table a
+/* Points ws's buffers into `base` (NULL: only measures); returns the bytes they take. Sized
+ * with the selected kernel table's activation kinds; every table uses the same kinds up to
+ * Q8_K vs Q8_KP (same layout, groups reordered), so the workspace fits whichever table a
  * later run selects. */
+static int64_t ws_layout(ktl_experts_ws *ws, uint8_t *base, const ktl_experts_desc *d, int x_bf16, int y_bf16) {
+    int64_t E = d->num_experts, H = d->hidden, I = d->inter, t = ws->t, P = t * ws->topk, at = 0;
+    act_kinds k = act_kinds_of(ktl_selected(), d);
+    ws->count = carve(base, &at, (E + 1) * 8, 1);
+    ws->expert = carve(base, &at, (E + 1) * 4, 1);
+    ws->offset = carve(base, &at, (E + 2) * 8, 1);
+    ws->token = carve(base, &at, P * 4, 1);
+    ws->alpha = carve(base, &at, P * 4, 1);
+    ws->left = carve(base, &at, (E + 1) * (int64_t)sizeof(_Atomic int), 1);
+    ws->x32 = carve(base, &at, t * H * 4, x_bf16);
+    ws->xq_gate = carve(base, &at, t * k.lay_gate.stride, k.gate != KTL_ACT_F32);
+    ws->xq_up = carve(base, &at, t * k.lay_up.stride, k.up != KTL_ACT_F32 && k.up != k.gate);
+    ws->g = carve(base, &at, P * I * 4, 1);
+    ws->u = carve(base, &at, P * I * 4, 1);
+    ws->hq = carve(base, &at, P * k.lay_down.stride, k.down != KTL_ACT_F32);
+    ws->y32 = carve(base, &at, t * H * 4, y_bf16);
+    return at;
+}
+
 ktl_experts_ws *ktl_experts_ws_create(const ktl_experts_desc *d, int64_t t, int64_t topk, int x_bf16, int y_bf16) {
     if (ktl_experts_check(d) != 0 || t < 0 || topk < 0) return NULL;
-    int64_t E = d->num_experts, H = d->hidden, I = d->inter, P = t * topk;
-    act_kinds k = act_kinds_of(ktl_selected(), d);
-    int64_t at = 0, off[13];
-    off[0] = take(&at, (E + 1) * 8, 1);
-    off[1] = take(&at, (E + 1) * 4, 1);
-    off[2] = take(&at, (E + 2) * 8, 1);
-    off[3] = take(&at, P * 4, 1);
-    off[4] = take(&at, P * 4, 1);
-    off[5] = take(&at, (E + 1) * (int64_t)sizeof(_Atomic int), 1);
-    off[6] = take(&at, t * H * 4, x_bf16);
-    off[7] = take(&at, t * k.lay_gate.stride, k.gate != KTL_ACT_F32);
-    off[8] = take(&at, t * k.lay_up.stride, k.up != KTL_ACT_F32 && k.up != k.gate);
-    off[9] = take(&at, P * I * 4, 1);
-    off[10] = take(&at, P * I * 4, 1);
-    off[11] = take(&at, P * k.lay_down.stride, k.down != KTL_ACT_F32);
-    off[12] = take(&at, t * H * 4, y_bf16);
     ktl_experts_ws *ws = calloc(1, sizeof *ws);
-    void *block = aligned_alloc(KTL_ALIGN, (size_t)at);
-    if (!ws || !block) {
-        free(ws);
-        free(block);
-        return NULL;
-    }
+    if (!ws) return NULL;
     ws->t = t;
     ws->topk = topk;
-    ws->block = block;
-    ws->count = at_offset(block, off[0]);
-    ws->expert = at_offset(block, off[1]);
-    ws->offset = at_offset(block, off[2]);
-    ws->token = at_offset(block, off[3]);
-    ws->alpha = at_offset(block, off[4]);
-    ws->left = at_offset(block, off[5]);
-    ws->x32 = at_offset(block, off[6]);
-    ws->xq_gate = at_offset(block, off[7]);
-    ws->xq_up = at_offset(block, off[8]);
-    ws->g = at_offset(block, off[9]);
-    ws->u = at_offset(block, off[10]);
-    ws->hq = at_offset(block, off[11]);
-    ws->y32 = at_offset(block, off[12]);
+    ws->block = aligned_alloc(KTL_ALIGN, (size_t)ws_layout(ws, NULL, d, x_bf16, y_bf16));
+    if (!ws->block) {
+        free(ws);
+        return NULL;
+    }
+    ws_layout(ws, ws->block, d, x_bf16, y_bf16);
     return ws;
 }
 
