@@ -246,6 +246,19 @@ static void prepare_task(void *raw, int64_t i, int worker) {
     prepare_token(raw, i);
 }
 
+/* Rows [r0, r1) of one expert's gate or up matrix (stacked weights `base` of `qtype`) on the
+ * tokens ga already names, into out. */
+static void in_proj(const experts_job *j, ktl_gemm_args *ga, const uint8_t *base, int qtype, int64_t slot,
+                    const uint8_t *act, const ktl_act_layout *lay, float *out, int64_t r0, int64_t r1) {
+    int64_t I = j->desc->inter, H = j->desc->hidden;
+    ga->w = expert_base(base, qtype, slot, I, H);
+    ga->row_bytes = ktl_row_bytes(qtype, H);
+    ga->act = act;
+    ga->lay = *lay;
+    ga->out = out;
+    j->kern->gemm[qtype](ga, r0, r1);
+}
+
 /* gate and up of active expert a on its tokens, rows [r0, r1); g <- act(g) * u */
 static void gate_up_rows(const experts_job *j, int64_t a, int64_t r0, int64_t r1) {
     const ktl_experts_desc *d = j->desc;
@@ -259,19 +272,8 @@ static void gate_up_rows(const experts_job *j, int64_t a, int64_t r0, int64_t r1
     ga.ntok = cnt;
     ga.out_stride = I;
 
-    ga.w = expert_base(d->gate, d->qtype_gate, slot, I, H);
-    ga.row_bytes = ktl_row_bytes(d->qtype_gate, H);
-    ga.act = j->xq_gate;
-    ga.lay = j->kinds.lay_gate;
-    ga.out = j->ws->g + p0 * I;
-    j->kern->gemm[d->qtype_gate](&ga, r0, r1);
-
-    ga.w = expert_base(d->up, d->qtype_up, slot, I, H);
-    ga.row_bytes = ktl_row_bytes(d->qtype_up, H);
-    ga.act = j->xq_up;
-    ga.lay = j->kinds.lay_up;
-    ga.out = j->ws->u + p0 * I;
-    j->kern->gemm[d->qtype_up](&ga, r0, r1);
+    in_proj(j, &ga, d->gate, d->qtype_gate, slot, j->xq_gate, &j->kinds.lay_gate, j->ws->g + p0 * I, r0, r1);
+    in_proj(j, &ga, d->up, d->qtype_up, slot, j->xq_up, &j->kinds.lay_up, j->ws->u + p0 * I, r0, r1);
 
     for (int64_t p = p0; p < p0 + cnt; p++) {
         float *g = j->ws->g + p * I, *u = j->ws->u + p * I;
