@@ -37,7 +37,10 @@ Job protocol (what an Experts operator must offer to run inside a graph):
 - optionally ``reserve(tokens, top_k)``: sizes the operator's workspace before capture;
 - optionally ``host_doorbell(device)``: an object with ``req_address``/``done_address`` (host
   addresses of two page-locked int32 words), ``add(submit_fn, wait_fn, job_address) -> code``,
-  ``remove(code)``, ``acquire()``/``release()`` (its watcher thread runs while acquired).
+  ``remove(code)``, ``acquire()``/``release()`` (its watcher thread runs while acquired);
+- optionally ``job.doorbell_functions() -> (run_fn, done_fn)``: the pair the doorbell's watcher
+  calls instead of the host functions, e.g. a run on the watcher thread itself and a no-op
+  (kt-llamafile: no hop through its dispatcher thread).
 """
 
 from __future__ import annotations
@@ -173,7 +176,8 @@ class HostExpertsRunner:
             job = self.experts.make_job(self.x_pin[:T], self.ids_pin[:T], self.w_pin[:T], self.y_pin[:T])
             self._jobs[T] = job
             if self.doorbell is not None:
-                self.codes[T] = self.doorbell.add(*job.host_functions(), job.address)
+                functions = getattr(job, "doorbell_functions", job.host_functions)()
+                self.codes[T] = self.doorbell.add(*functions, job.address)
         return job
 
     def submit(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

@@ -9,7 +9,9 @@
  * t * topk <= 64 that is one pool run.
  *
  * submit posts the job and returns; wait blocks until it is done and returns the run's status.
- * ktl_host_submit / ktl_host_wait are the same two as void (*)(void *) for cudaLaunchHostFunc. */
+ * ktl_host_submit / ktl_host_wait are the same two as void (*)(void *) for cudaLaunchHostFunc.
+ * ktl_host_run runs the job on the calling thread (with the pool) and ktl_host_done returns at
+ * once: the pair for a doorbell's watcher, which would otherwise only wait for the dispatcher. */
 #include <stdlib.h>
 
 #include "ktl_internal.h"
@@ -80,6 +82,18 @@ int ktl_job_wait(ktl_job *j) {
     return atomic_load(&j->status);
 }
 
+int ktl_job_run(ktl_job *j) {
+    if (!j) return KTL_ERR_ARG;
+    if (j->submitted) ktl_pool_await(j->pool, &j->async); /* a run posted before */
+    job_run(&j->async);
+    j->submitted = 1; /* `done` is still 1: wait returns this run's status */
+    return atomic_load(&j->status);
+}
+
 void ktl_host_submit(void *job) { (void)ktl_job_submit(job); }
+
+void ktl_host_run(void *job) { (void)ktl_job_run(job); }
+
+void ktl_host_done(void *job) { (void)job; }
 
 void ktl_host_wait(void *job) { (void)ktl_job_wait(job); }

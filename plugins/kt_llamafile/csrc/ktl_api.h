@@ -92,6 +92,11 @@ int ktl_job_submit(ktl_job *job);
 int ktl_job_wait(ktl_job *job);
 void ktl_host_submit(void *job);
 void ktl_host_wait(void *job);
+/* Runs the job on the calling thread (after a posted run, if any) and returns its status;
+ * ktl_host_run / ktl_host_done: that as a doorbell's submit and wait pair. */
+int ktl_job_run(ktl_job *job);
+void ktl_host_run(void *job);
+void ktl_host_done(void *job);
 
 /* Reads n bytes with all pool threads (a sum of 64-bit words); returns the sum so the reads
  * cannot be optimised away. The benchmark's read-bandwidth ceiling. */

@@ -7,8 +7,10 @@ at once; the dispatcher runs it on the pool (kt-llamafile's own workers, or kt-a
 pool through its blocking parallel-for, see kt_llamafile.pools); ``wait()`` blocks until it is
 done and raises its error. For graph capture, ``host_functions()`` gives the addresses of the C
 functions ``ktl_host_submit`` / ``ktl_host_wait`` (``void (*)(void *)``, what
-``cudaLaunchHostFunc`` calls) and ``address`` the job to pass them. y is bit-identical to the
-synchronous forward on the same inputs.
+``cudaLaunchHostFunc`` calls) and ``address`` the job to pass them. A doorbell's watcher (a thread that only
+runs jobs) gets ``doorbell_functions()`` instead: ``ktl_host_run`` runs the job on the watcher
+itself (no hop through the dispatcher thread) and ``ktl_host_done`` returns at once. y is
+bit-identical to the synchronous forward on the same inputs.
 """
 
 from __future__ import annotations
@@ -80,3 +82,11 @@ class ExpertsJob:
         ffi, lib = _lib.kernels()
         return (int(ffi.cast("uintptr_t", ffi.addressof(lib, "ktl_host_submit"))),
                 int(ffi.cast("uintptr_t", ffi.addressof(lib, "ktl_host_wait"))))
+
+    @staticmethod
+    def doorbell_functions() -> tuple[int, int]:
+        """Addresses of ``ktl_host_run`` (runs the job on the calling thread) and
+        ``ktl_host_done`` (returns at once): the pair for a doorbell's watcher thread."""
+        ffi, lib = _lib.kernels()
+        return (int(ffi.cast("uintptr_t", ffi.addressof(lib, "ktl_host_run"))),
+                int(ffi.cast("uintptr_t", ffi.addressof(lib, "ktl_host_done"))))

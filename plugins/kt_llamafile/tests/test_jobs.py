@@ -141,3 +141,56 @@ def test_host_functions_are_the_c_symbols_and_run_the_job():
     host_fn(submit_fn)(job.address)
     host_fn(wait_fn)(job.address)
     assert torch.equal(job.y, experts(x, ids, w))
+
+
+def test_doorbell_functions_run_the_job_on_the_calling_thread():
+    import ctypes
+
+    experts = make_layer()
+    x, ids, w = routing(3, 5)
+    job = experts.make_job(x, ids, w)
+    run_fn, done_fn = job.doorbell_functions()
+    ffi, lib = _lib.kernels()
+    assert run_fn == int(ffi.cast("uintptr_t", ffi.addressof(lib, "ktl_host_run")))
+    assert run_fn not in job.host_functions() and done_fn not in job.host_functions()
+    host_fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+    expected = experts(x, ids, w)
+    host_fn(run_fn)(job.address)
+    assert torch.equal(job.y, expected)  # done before run_fn returned: done_fn waits for nothing
+    host_fn(done_fn)(job.address)
+    job.wait()
+    job.y.zero_()
+    job.submit()  # a posted run, then a direct one: the direct run waits for it first
+    host_fn(run_fn)(job.address)
+    assert torch.equal(job.wait(), expected)
+    ids[0, 0] = E + 5  # an error of a direct run surfaces in wait()
+    host_fn(run_fn)(job.address)
+    with pytest.raises(IndexError):
+        job.wait()
+
+
+def test_a_doorbell_watcher_runs_the_job_with_its_pair():
+    doorbell = pytest.importorskip("kt_amx.doorbell", reason="the doorbell comes with kt-amx")
+    import time
+
+    experts = make_layer(types=("Q8_0", "Q4_K", "Q6_K"))
+    bell = doorbell.Doorbell(capacity=2, pin_memory=False)
+    bell.acquire()
+    try:
+        x, ids, w = routing(1, 6)
+        job = experts.make_job(x, ids, w)
+        code = bell.add(*job.doorbell_functions(), job.address)
+        req, done = bell.flags[0:1], bell.flags[16:17]
+        for _ in range(3):  # as the layer of several decode steps
+            job.y.zero_()
+            req.fill_(code)
+            deadline = time.monotonic() + 10
+            while int(done) != code:
+                assert time.monotonic() < deadline, "the doorbell did not answer"
+                time.sleep(1e-4)
+            done.fill_(0)
+            assert torch.equal(job.y, experts(x, ids, w))
+        job.wait()
+        assert bell.counts() == (3, 0)
+    finally:
+        bell.release()
