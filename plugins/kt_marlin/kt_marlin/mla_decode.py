@@ -17,8 +17,14 @@ Two kernels:
    holds ``BLOCK_H`` heads of one row, so each latent block it loads from memory feeds all of
    them (MLA's heads share one latent, as in MQA): two dots for the scores, an online softmax
    in base 2, one dot ``p @ latent`` into an fp32 ``[BLOCK_H, R]`` accumulator. It writes the
-   normalised partial output and its log-sum-exp (``-inf`` for an empty run).
-2. ``_reduce_kernel``, grid ``(rows, heads)``: combines the splits by their log-sum-exps.
+   normalised partial output (in the query's dtype: a bf16 query rounds its output to bf16
+   anyway) and its log-sum-exp (``-inf`` for an empty run). On the GPU a 16-bit query takes
+   64 heads per program with 8 warps: the two dots become Hopper warpgroup MMAs (M = 64; the
+   two warpgroups share the scores and each owns half of the 512 value columns), and
+   DeepSeek-V3's 128 heads read each latent block twice (the second time from L2) instead
+   of eight times with 16-head blocks.
+2. ``_reduce_kernel``, grid ``(rows, heads, R / BLOCK_RR)``: combines the splits by their
+   log-sum-exps, loading all splits of a ``BLOCK_RR`` column chunk at once.
 
 A row with no visible slot (limit 0: a padding row of a batch bucket) gets zeros.
 
@@ -53,7 +59,7 @@ def _split_kernel(ql_ptr, qr_ptr, lat_ptr, kr_ptr, lim_ptr, part_ptr, lse_ptr,
     mask_h = heads < n_heads
     rr = tl.arange(0, BLOCK_R)  # [BR]
     rd = tl.arange(0, BLOCK_DR)  # [BDR]
-    mask_r = rr < R
+    mask_r = rr < R  # all true when R == BLOCK_R (DeepSeek's 512 and 64)
     mask_d = rd < DR
 
     # this split's run of slots: whole blocks, the same count for every split of the row
@@ -104,29 +110,29 @@ def _split_kernel(ql_ptr, qr_ptr, lat_ptr, kr_ptr, lim_ptr, part_ptr, lse_ptr,
     out = acc / tl.where(has, l, 1.0)[:, None]
     lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))  # base 2
     row_head = n.to(tl.int64) * n_heads + heads  # [BH]
-    tl.store(part_ptr + (row_head[:, None] * SPLITS + split) * R + rr[None, :], out,
+    tl.store(part_ptr + (row_head[:, None] * SPLITS + split) * R + rr[None, :], out.to(part_ptr.dtype.element_ty),
              mask=mask_h[:, None] & mask_r[None, :])
     tl.store(lse_ptr + row_head * SPLITS + split, lse, mask=mask_h)
 
 
 @triton.jit
 def _reduce_kernel(part_ptr, lse_ptr, out_ptr, n_heads, s_out_n, s_out_h,
-                   R: tl.constexpr, SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr):
+                   R: tl.constexpr, SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_RR: tl.constexpr):
     n = tl.program_id(0)
     h = tl.program_id(1)
+    rr = tl.program_id(2) * BLOCK_RR + tl.arange(0, BLOCK_RR)  # [BRR]
     row_head = n.to(tl.int64) * n_heads + h
-    sp = tl.arange(0, BLOCK_SPLITS)
-    rr = tl.arange(0, BLOCK_R)
+    sp = tl.arange(0, BLOCK_SPLITS)  # [BSP]
+    mask_sp = sp < SPLITS
     mask_r = rr < R
-    lse = tl.load(lse_ptr + row_head * SPLITS + sp, mask=sp < SPLITS, other=float("-inf"))  # [BSP]
+    lse = tl.load(lse_ptr + row_head * SPLITS + sp, mask=mask_sp, other=float("-inf"))  # [BSP]
     top = tl.max(lse, axis=0)
     top = tl.where(top == float("-inf"), 0.0, top)
-    total = tl.sum(tl.exp2(lse - top), axis=0)  # empty splits weigh 0
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for i in range(SPLITS):  # one [R] row at a time: few registers
-        w = tl.exp2(tl.load(lse_ptr + row_head * SPLITS + i) - top)
-        acc += w * tl.load(part_ptr + (row_head * SPLITS + i) * R + rr, mask=mask_r, other=0)
-    out = acc / tl.where(total > 0, total, 1.0)  # [BR]
+    w = tl.exp2(lse - top)  # empty splits weigh 0
+    total = tl.sum(w, axis=0)
+    part = tl.load(part_ptr + (row_head * SPLITS + sp[:, None]) * R + rr[None, :],
+                   mask=mask_sp[:, None] & mask_r[None, :], other=0).to(tl.float32)  # [BSP, BRR]
+    out = tl.sum(part * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)  # [BRR]
     tl.store(out_ptr + n.to(tl.int64) * s_out_n + h * s_out_h + rr, out.to(out_ptr.dtype.element_ty), mask=mask_r)
 
 
@@ -140,14 +146,16 @@ def choose_config(rows: int, n_heads: int, max_len: int, device: torch.device, q
     if device.type != "cuda":  # Triton's interpreter: small tiles, a few splits to exercise the reduce
         return dict(BLOCK_H=16, BLOCK_S=16, SPLITS=max(1, min(3, triton.cdiv(max_len, 16))), num_warps=4, num_stages=1)
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    # fp32 tiles are twice the bytes: halve BLOCK_S to keep the pipelined tiles in shared memory
-    block_h, block_s = 16, (32 if q_element_size <= 2 else 16)
+    if q_element_size <= 2 and n_heads >= 64:
+        # warpgroup MMAs (M = 64 heads), the [64, 512] fp32 accumulator over 256 threads;
+        # shared memory (q 72 KiB + 2 stages of 36 KiB) fits one program per SM
+        block_h, block_s, warps, per_sm = 64, 32, 8, 1
+    else:  # fp32 (twice the bytes per tile) or few heads: 16-head blocks
+        block_h, block_s, warps, per_sm = 16, (32 if q_element_size <= 2 else 16), 4, 2
     programs = rows * triton.cdiv(n_heads, block_h)
-    # enough programs for ~2 waves, but no split shorter than 256 slots of the static cache: a
-    # split writes nH * R fp32 partials (256 KiB for DeepSeek-V3, what 256 slots of latents
-    # weigh), so shorter splits would move more partials than latents
-    splits = max(1, min(triton.cdiv(2 * sms, programs), max_len // 256, 64))
-    return dict(BLOCK_H=block_h, BLOCK_S=block_s, SPLITS=splits, num_warps=4, num_stages=2)
+    # one wave of programs, but no split shorter than two blocks of the static cache
+    splits = max(1, min(triton.cdiv(per_sm * sms, programs), max_len // (2 * block_s), 128))
+    return dict(BLOCK_H=block_h, BLOCK_S=block_s, SPLITS=splits, num_warps=warps, num_stages=2)
 
 
 def launch(q_latent: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
@@ -162,9 +170,11 @@ def launch(q_latent: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k
         return out
     cfg = dict(config or choose_config(n, n_heads, latent.shape[1], q_latent.device, q_latent.element_size()))
     splits = cfg.pop("SPLITS")
-    part = torch.empty((n, n_heads, splits, r), dtype=torch.float32, device=q_latent.device)
+    part = torch.empty((n, n_heads, splits, r), dtype=q_latent.dtype, device=q_latent.device)
     lse = torch.empty((n, n_heads, splits), dtype=torch.float32, device=q_latent.device)
     block_r, block_dr = max(16, triton.next_power_of_2(r)), max(16, triton.next_power_of_2(dr))  # tl.dot: >= 16
+    block_splits = triton.next_power_of_2(splits)
+    block_rr = min(block_r, max(32, 8192 // block_splits))  # the reduce's [splits, BLOCK_RR] tile: <= 8192 values
     dot_ieee = q_latent.dtype == torch.float32 or q_latent.device.type == "cpu"
     with torch.device(q_latent.device):
         _split_kernel[(n, triton.cdiv(n_heads, cfg["BLOCK_H"]), splits)](
@@ -173,9 +183,9 @@ def launch(q_latent: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k
             q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
             latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1),
             R=r, DR=dr, SPLITS=splits, BLOCK_R=block_r, BLOCK_DR=block_dr, DOT_IEEE=dot_ieee, **cfg)
-        _reduce_kernel[(n, n_heads)](
+        _reduce_kernel[(n, n_heads, triton.cdiv(r, block_rr))](
             part, lse, out, n_heads, out.stride(0), out.stride(1),
-            R=r, SPLITS=splits, BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK_R=block_r, num_warps=4)
+            R=r, SPLITS=splits, BLOCK_SPLITS=block_splits, BLOCK_RR=block_rr, num_warps=4)
     return out
 
 
