@@ -23,6 +23,8 @@ N = K = 7168
 TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 INPUT_FOOTPRINT = 512 << 20  # GGUF bytes each timed graph streams through, at least
 MAX_COPIES = 32
+#: (super-blocks per program, warps) the sweep tries, in this order
+SWEEP = [(32, 4), (32, 8), (64, 8), (8, 4), (16, 8), (64, 4), (8, 2), (16, 2), (128, 8)]
 
 
 def gguf_copies(qtype: str) -> list[torch.Tensor]:
@@ -90,6 +92,7 @@ def main() -> None:
     result["hbm_copy"] = hbm_ceiling()
     gbps = result["hbm_copy"]["GBps"] * 1e9
     result["dequant_bf16"], result["sweep"] = [], []
+    kquants = {}  # K-quant type -> (copies, the default config's output) for the sweep
     for qtype in TYPES:
         copies = gguf_copies(qtype)
         t = time_type(qtype, copies)
@@ -99,23 +102,22 @@ def main() -> None:
         result["dequant_bf16"].append(row)
         save()
         print(f"{qtype}: {t * 1e6:.1f} us, {row['GBps']:.0f} GB/s = {row['fraction_of_copy']:.2f} of copy", flush=True)
-        if args.no_sweep or qtype not in KQUANT_CONFIG:
-            continue
-        want = torch.empty(N, K, dtype=torch.bfloat16, device="cuda")
-        launch(copies[0], want, qtype)
-        for nb in (8, 16, 32, 64):
-            for warps in (2, 4, 8):
-                if time.time() - began > args.budget:
-                    break
-                got = torch.empty_like(want)
-                launch(copies[0], got, qtype, (nb, warps))
-                same = bool(((got == want) | (got.isnan() & want.isnan())).all())
-                t = time_type(qtype, copies, (nb, warps))
-                result["sweep"].append({"qtype": qtype, "config": [nb, warps], "seconds": t, "same": same,
-                                        "fraction_of_copy": moved / t / gbps})
+        if qtype in KQUANT_CONFIG and not args.no_sweep:
+            want = torch.empty(N, K, dtype=torch.bfloat16, device="cuda")
+            launch(copies[0], want, qtype)
+            kquants[qtype] = (copies, want, moved)
+    # the sweep, one config at a time over every K-quant, until the budget is spent
+    for config in SWEEP:
+        for qtype, (copies, want, moved) in kquants.items():
+            if time.time() - began > args.budget:
+                break
+            got = torch.empty_like(want)
+            launch(copies[0], got, qtype, config)
+            same = bool(((got == want) | (got.isnan() & want.isnan())).all())
+            t = time_type(qtype, copies, config)
+            result["sweep"].append({"qtype": qtype, "config": list(config), "seconds": t, "same": same,
+                                    "fraction_of_copy": moved / t / gbps})
         save()
-        del copies
-        torch.cuda.empty_cache()
     result["elapsed_s"] = time.time() - began
     save()
 

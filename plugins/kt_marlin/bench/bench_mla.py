@@ -25,7 +25,6 @@ call's launch and tail latency (a few µs for two kernels) are in its time. Usag
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import time
@@ -110,11 +109,15 @@ def bench_case(case: Case, gbps: float) -> dict:
 
 
 def sweep_points():
-    """(BLOCK_H, BLOCK_S, warps, stages, splits): 64-head warpgroup tiles first, then the
-    16-head tiles of before."""
-    wide = itertools.product((64,), (32, 16, 64), (8, 4), (2, 1, 3), (64, 128, 32, 16))
-    narrow = itertools.product((16,), (32,), (4,), (2,), (16, 32, 64))
-    return itertools.chain(wide, narrow)
+    """(BLOCK_H, BLOCK_S, warps, stages, splits): 64-head warpgroup tiles with 8 warps first,
+    then 4 warps, then the 16-head tiles of before."""
+    tiles = ((32, 2), (16, 2), (32, 3), (16, 3), (64, 2), (32, 1), (64, 1))  # (BLOCK_S, stages)
+    for block_s, stages in tiles:
+        for splits in (64, 128, 32, 16):
+            yield 64, block_s, 8, stages, splits
+    yield 64, 32, 4, 2, 64
+    for splits in (16, 32, 64):
+        yield 16, 32, 4, 2, splits
 
 
 def sweep_case(case: Case, gbps: float, deadline: float) -> dict:

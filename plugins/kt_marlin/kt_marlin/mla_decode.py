@@ -46,9 +46,9 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _split_kernel(ql_ptr, qr_ptr, lat_ptr, kr_ptr, lim_ptr, part_ptr, lse_ptr,
-                  n_heads, rows_per_batch, scale_log2,
+                  n_heads, rows_per_batch, scale_log2, SPLITS,
                   s_ql_n, s_ql_h, s_qr_n, s_qr_h, s_lat_b, s_lat_s, s_kr_b, s_kr_s,
-                  R: tl.constexpr, DR: tl.constexpr, SPLITS: tl.constexpr,
+                  R: tl.constexpr, DR: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
                   DOT_IEEE: tl.constexpr):
     n = tl.program_id(0)
@@ -89,21 +89,21 @@ def _split_kernel(ql_ptr, qr_ptr, lat_ptr, kr_ptr, lim_ptr, part_ptr, lse_ptr,
                       mask=mask_s[:, None] & mask_r[None, :], other=0).to(ql.dtype)  # [BS, BR]
         kr = tl.load(kr_base + s[:, None].to(tl.int64) * s_kr_s + rd[None, :],
                      mask=mask_s[:, None] & mask_d[None, :], other=0).to(qr.dtype)  # [BS, BDR]
+        # each dot accumulates into its third operand in place (a separate add would hold a
+        # second [BH, BR] fp32 tile in registers)
         if DOT_IEEE:
-            score = tl.dot(ql, tl.trans(lat), input_precision="ieee")
-            score += tl.dot(qr, tl.trans(kr), input_precision="ieee")
+            score = tl.dot(ql, tl.trans(lat), tl.dot(qr, tl.trans(kr), input_precision="ieee"), input_precision="ieee")
         else:
-            score = tl.dot(ql, tl.trans(lat))
-            score += tl.dot(qr, tl.trans(kr))  # [BH, BS] fp32
+            score = tl.dot(ql, tl.trans(lat), tl.dot(qr, tl.trans(kr)))  # [BH, BS] fp32
         score = tl.where(mask_s[None, :], score * scale_log2, float("-inf"))
         m_new = tl.maximum(m, tl.max(score, axis=1))  # [BH]
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(score - m_new[:, None])  # [BH, BS]
         l = l * alpha + tl.sum(p, axis=1)
         if DOT_IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, lat, input_precision="ieee")
+            acc = tl.dot(p, lat, acc * alpha[:, None], input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat)  # [BH, BR]
+            acc = tl.dot(p.to(lat.dtype), lat, acc * alpha[:, None])  # [BH, BR]
         m = m_new
 
     has = l > 0
@@ -116,8 +116,8 @@ def _split_kernel(ql_ptr, qr_ptr, lat_ptr, kr_ptr, lim_ptr, part_ptr, lse_ptr,
 
 
 @triton.jit
-def _reduce_kernel(part_ptr, lse_ptr, out_ptr, n_heads, s_out_n, s_out_h,
-                   R: tl.constexpr, SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_RR: tl.constexpr):
+def _reduce_kernel(part_ptr, lse_ptr, out_ptr, n_heads, SPLITS, s_out_n, s_out_h,
+                   R: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_RR: tl.constexpr):
     n = tl.program_id(0)
     h = tl.program_id(1)
     rr = tl.program_id(2) * BLOCK_RR + tl.arange(0, BLOCK_RR)  # [BRR]
@@ -179,13 +179,13 @@ def launch(q_latent: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k
     with torch.device(q_latent.device):
         _split_kernel[(n, triton.cdiv(n_heads, cfg["BLOCK_H"]), splits)](
             q_latent, q_rope, latent, k_rope, limits, part, lse,
-            n_heads, rows_per_batch, softmax_scale * _LOG2E,
+            n_heads, rows_per_batch, softmax_scale * _LOG2E, splits,
             q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
             latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1),
-            R=r, DR=dr, SPLITS=splits, BLOCK_R=block_r, BLOCK_DR=block_dr, DOT_IEEE=dot_ieee, **cfg)
+            R=r, DR=dr, BLOCK_R=block_r, BLOCK_DR=block_dr, DOT_IEEE=dot_ieee, **cfg)
         _reduce_kernel[(n, n_heads, triton.cdiv(r, block_rr))](
-            part, lse, out, n_heads, out.stride(0), out.stride(1),
-            R=r, SPLITS=splits, BLOCK_SPLITS=block_splits, BLOCK_RR=block_rr, num_warps=4)
+            part, lse, out, n_heads, splits, out.stride(0), out.stride(1),
+            R=r, BLOCK_SPLITS=block_splits, BLOCK_RR=block_rr, num_warps=4)
     return out
 
 
