@@ -24,7 +24,7 @@ TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
 INPUT_FOOTPRINT = 512 << 20  # GGUF bytes each timed graph streams through, at least
 MAX_COPIES = 32
 #: (super-blocks per program, warps) the sweep tries, in this order
-SWEEP = [(32, 4), (32, 8), (64, 8), (8, 4), (16, 8), (64, 4), (8, 2), (16, 2), (128, 8)]
+SWEEP = [(8, 2), (16, 2), (32, 4), (32, 8), (64, 8), (8, 4), (16, 8), (64, 4), (128, 8)]
 
 
 def gguf_copies(qtype: str) -> list[torch.Tensor]:

@@ -109,15 +109,13 @@ def bench_case(case: Case, gbps: float) -> dict:
 
 
 def sweep_points():
-    """(BLOCK_H, BLOCK_S, warps, stages, splits): 64-head warpgroup tiles with 8 warps first,
-    then 4 warps, then the 16-head tiles of before."""
-    tiles = ((32, 2), (16, 2), (32, 3), (16, 3), (64, 2), (32, 1), (64, 1))  # (BLOCK_S, stages)
-    for block_s, stages in tiles:
-        for splits in (64, 128, 32, 16):
-            yield 64, block_s, 8, stages, splits
-    yield 64, 32, 4, 2, 64
-    for splits in (16, 32, 64):
-        yield 16, 32, 4, 2, splits
+    """(BLOCK_H, BLOCK_S, warps, stages, splits) around the heuristic (64 heads, 8 warps,
+    BLOCK_S 64, 2 stages, ~one wave of splits), then the 16-head tiles of before."""
+    for splits in (64, 66, 96, 128, 32):
+        yield 64, 64, 8, 2, splits
+    for block_s, stages in ((64, 3), (128, 1), (32, 2), (32, 3)):
+        yield 64, block_s, 8, stages, 64
+    yield 16, 32, 4, 2, 32
 
 
 def sweep_case(case: Case, gbps: float, deadline: float) -> dict:

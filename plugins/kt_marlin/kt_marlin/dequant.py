@@ -179,7 +179,8 @@ def _kquant_kernel(src, dst, n_blocks, QTYPE: tl.constexpr, TYPE_SIZE: tl.conste
                     tl.store(dst + o4 + k * 32, y.to(dst.dtype.element_ty), mask=full)
 
 
-#: K-quant type -> (super-blocks per program, warps); the bench's sweep checks them
+#: K-quant type -> (super-blocks per program, warps): within ~5% of the best point of the
+#: H200 sweep for every type (bench/results/nvidia-h200_bench_dequant.md)
 KQUANT_CONFIG: dict[str, tuple[int, int]] = {q: (16, 4) for q in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}
 
 

@@ -148,13 +148,14 @@ def choose_config(rows: int, n_heads: int, max_len: int, device: torch.device, q
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     if q_element_size <= 2 and n_heads >= 64:
         # warpgroup MMAs (M = 64 heads), the [64, 512] fp32 accumulator over 256 threads;
-        # shared memory (q 72 KiB + 2 stages of 36 KiB) fits one program per SM
-        block_h, block_s, warps, per_sm = 64, 32, 8, 1
+        # shared memory (q 72 KiB + 2 stages of 72 KiB) fits one program per SM. BLOCK_S 64
+        # was the fastest of the H200 sweep (bench/results/nvidia-h200_bench_mla.md)
+        block_h, block_s, warps, per_sm = 64, 64, 8, 1
     else:  # fp32 (twice the bytes per tile) or few heads: 16-head blocks
         block_h, block_s, warps, per_sm = 16, (32 if q_element_size <= 2 else 16), 4, 2
     programs = rows * triton.cdiv(n_heads, block_h)
-    # one wave of programs, but no split shorter than two blocks of the static cache
-    splits = max(1, min(triton.cdiv(per_sm * sms, programs), max_len // (2 * block_s), 128))
+    # one wave of programs, no split shorter than a block of the static cache
+    splits = max(1, min(triton.cdiv(per_sm * sms, programs), max_len // block_s, 128))
     return dict(BLOCK_H=block_h, BLOCK_S=block_s, SPLITS=splits, num_warps=warps, num_stages=2)
 
 
