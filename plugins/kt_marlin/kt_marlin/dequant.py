@@ -1,11 +1,19 @@
 """GGUF dequantisation on the GPU: raw GGUF blocks -> fp32/fp16/bf16, bit-exact in fp32 with
 ``gguf.quants.dequantize``.
 
-One Triton kernel, specialised per GGUF type by a ``constexpr``: each program handles
-``BLOCK`` consecutive output values; value ``i`` lives in quant block ``i // QK`` at position
-``i % QK`` and every byte it needs (quants, high bits, packed sub-block scales, fp16 super-
-scales) is gathered from that block. The gathers of neighbouring values hit the same bytes,
-so they are served from L1; the output is written in contiguous runs.
+Two Triton kernels, specialised per GGUF type by a ``constexpr``:
+
+- the 32-value types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1): each program handles ``BLOCK``
+  consecutive output values; value ``i`` lives in quant block ``i // QK`` at position
+  ``i % QK`` and every byte it needs is gathered from that block (the gathers of
+  neighbouring values hit the same bytes, served from L1);
+- the K-quants (Q2_K..Q6_K, 256-value super-blocks): each program handles ``NB`` whole
+  super-blocks as ``[NB, ...]`` tiles: every quant byte is loaded once, in contiguous
+  vectorised runs, and gives its 2/4/8 values by shifts; the fp16 scales and packed
+  sub-block scales are loaded once per super-block or sub-block and broadcast (gathering
+  them per value made these types load- and integer-bound at ~0.45 of the copy bandwidth).
+
+The output is written in contiguous runs.
 
 Why the float arithmetic matches numpy bit for bit: every product the formats form (fp16
 scale x small integer, and that x a 4- or 5-bit quant) fits in fp32's 24-bit mantissa, so it
@@ -87,7 +95,7 @@ def _dequant_kernel(src, dst, n_values, QTYPE: tl.constexpr, QK: tl.constexpr, T
             y = d * (q - 8).to(tl.float32)
         else:
             y = d * q.to(tl.float32) + _f16(src, base + 2, mask)
-    elif QTYPE == 3 or QTYPE == 4:  # Q5_0: d, qh u32, qs[16]; Q5_1: d, m, qh, qs[16]
+    else:  # Q5_0: d, qh u32, qs[16]; Q5_1: d, m, qh, qs[16]
         head = 2 if QTYPE == 3 else 4
         d = _f16(src, base, mask)
         byte = _u8(src, base + head + 4 + (i % 16), mask)
@@ -97,53 +105,102 @@ def _dequant_kernel(src, dst, n_values, QTYPE: tl.constexpr, QK: tl.constexpr, T
             y = d * (q - 16).to(tl.float32)
         else:
             y = d * q.to(tl.float32) + _f16(src, base + 2, mask)
-    elif QTYPE == 5:  # Q2_K: scales[16], qs[64], d, dmin; 16 sub-blocks of 16
-        d = _f16(src, base + 80, mask)
-        dmin = _f16(src, base + 82, mask)
-        sc = _u8(src, base + i // 16, mask)
-        half = i // 128  # two halves of 128 values, 32 qs bytes each
-        r = i % 128
-        byte = _u8(src, base + 16 + half * 32 + (r % 32), mask)
-        q = (byte >> ((r // 32) * 2)) & 3
-        dl = d * (sc & 15).to(tl.float32)
-        ml = dmin * (sc >> 4).to(tl.float32)
-        y = dl * q.to(tl.float32) - ml
-    elif QTYPE == 6:  # Q3_K: hmask[32], qs[64], scales[12], d; 16 sub-blocks of 16
-        d = _f16(src, base + 108, mask)
-        j = i // 16  # sub-block
-        low = _u8(src, base + 96 + (j % 8), mask)
-        high = _u8(src, base + 104 + (j % 4), mask)
-        sc = ((low >> ((j // 8) * 4)) & 15) | (((high >> ((j // 4) * 2)) & 3) << 4)
-        half = i // 128
-        r = i % 128
-        byte = _u8(src, base + 32 + half * 32 + (r % 32), mask)
-        ql = (byte >> ((r // 32) * 2)) & 3
-        hm = _u8(src, base + (i % 32), mask)
-        hbit = ((hm >> (i // 32)) & 1) ^ 1
-        y = (d * (sc - 32).to(tl.float32)) * (ql - (hbit << 2)).to(tl.float32)
-    elif QTYPE == 7 or QTYPE == 8:  # Q4_K / Q5_K: d, dmin, scales[12], (qh[32]), qs[128]
-        d = _f16(src, base, mask)
-        dmin = _f16(src, base + 2, mask)
-        j = i // 32
-        sc, mn = _k_scale_min(src, base + 4, j, mask)
-        qs0 = 16 if QTYPE == 7 else 48
-        byte = _u8(src, base + qs0 + (j // 2) * 32 + (i % 32), mask)
-        q = (byte >> ((j % 2) * 4)) & 15
-        if QTYPE == 8:
-            hbyte = _u8(src, base + 16 + (i % 32), mask)
-            q = q | (((hbyte >> j) & 1) << 4)
-        y = (d * sc.to(tl.float32)) * q.to(tl.float32) - dmin * mn.to(tl.float32)
-    else:  # Q6_K: ql[128], qh[64], scales[16] int8, d; 16 sub-blocks of 16
-        d = _f16(src, base + 208, mask)
-        sc = tl.load(src + base + 192 + i // 16, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-        half = i // 128
-        r = i % 128
-        lbyte = _u8(src, base + half * 64 + (r % 64), mask)
-        ql = (lbyte >> ((r // 64) * 4)) & 15
-        hbyte = _u8(src, base + 128 + half * 32 + (r % 32), mask)
-        qh = (hbyte >> ((r // 32) * 2)) & 3
-        y = (d * sc) * ((ql | (qh << 4)) - 32).to(tl.float32)
     tl.store(dst + offs, y.to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _kquant_kernel(src, dst, n_blocks, QTYPE: tl.constexpr, TYPE_SIZE: tl.constexpr, NB: tl.constexpr):
+    """K-quants, ``NB`` whole 256-value super-blocks per program: each quant byte is loaded
+    once (contiguous runs of 16 or 32 bytes, vectorised) and yields its 2, 4 or 8 values by
+    shifts; the scales are loaded once per sub-block and broadcast over its values."""
+    blk = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)  # [NB] super-blocks
+    mask = blk < n_blocks
+    base = blk * TYPE_SIZE
+    out = blk * 256
+    if QTYPE == 7 or QTYPE == 8:  # Q4_K / Q5_K: d, dmin, scales[12], (qh[32]), qs[128]; 8 sub-blocks of 32
+        c = tl.arange(0, 4)[None, :, None]  # qs chunk of 32 bytes: sub-blocks 2c (low nibbles), 2c+1 (high)
+        lane = tl.arange(0, 32)[None, None, :]
+        b3, m3 = base[:, None, None], mask[:, None, None]  # [NB, 1, 1]
+        full = tl.broadcast_to(m3, (NB, 4, 32))
+        d = _f16(src, base, mask)[:, None, None]
+        dmin = _f16(src, base + 2, mask)[:, None, None]
+        byte = _u8(src, b3 + (16 if QTYPE == 7 else 48) + c * 32 + lane, full)  # [NB, 4, 32]
+        if QTYPE == 8:
+            hbyte = _u8(src, b3 + 16 + lane, tl.broadcast_to(m3, (NB, 1, 32)))  # [NB, 1, 32]
+        for h in tl.static_range(2):
+            j = 2 * c + h  # [1, 4, 1] sub-block
+            sc, mn = _k_scale_min(src, b3 + 4, j, m3)  # [NB, 4, 1]
+            q = (byte >> (4 * h)) & 15
+            if QTYPE == 8:
+                q = q | (((hbyte >> j) & 1) << 4)
+            y = (d * sc.to(tl.float32)) * q.to(tl.float32) - dmin * mn.to(tl.float32)  # [NB, 4, 32]
+            tl.store(dst + out[:, None, None] + c * 64 + h * 32 + lane, y.to(dst.dtype.element_ty), mask=full)
+    else:  # Q2_K, Q3_K, Q6_K: 16 sub-blocks of 16; value half * 128 + k * 32 + g * 16 + m
+        hf = tl.arange(0, 2)[None, :, None, None]
+        g = tl.arange(0, 2)[None, None, :, None]
+        m = tl.arange(0, 16)[None, None, None, :]
+        b4, m4 = base[:, None, None, None], mask[:, None, None, None]  # [NB, 1, 1, 1]
+        full = tl.broadcast_to(m4, (NB, 2, 2, 16))
+        o4 = out[:, None, None, None] + hf * 128 + g * 16 + m  # [NB, 2, 2, 16] value of k = 0
+        if QTYPE == 5:  # Q2_K: scales[16], qs[64], d, dmin; q = 2 bits of qs[half * 32 + i % 32]
+            d = _f16(src, base + 80, mask)[:, None, None, None]
+            dmin = _f16(src, base + 82, mask)[:, None, None, None]
+            byte = _u8(src, b4 + 16 + hf * 32 + g * 16 + m, full)
+            for k in tl.static_range(4):
+                sc = _u8(src, b4 + hf * 8 + 2 * k + g, m4)  # [NB, 2, 2, 1]
+                q = (byte >> (2 * k)) & 3
+                y = (d * (sc & 15).to(tl.float32)) * q.to(tl.float32) - dmin * (sc >> 4).to(tl.float32)
+                tl.store(dst + o4 + k * 32, y.to(dst.dtype.element_ty), mask=full)
+        elif QTYPE == 6:  # Q3_K: hmask[32], qs[64], scales[12], d
+            d = _f16(src, base + 108, mask)[:, None, None, None]
+            byte = _u8(src, b4 + 32 + hf * 32 + g * 16 + m, full)
+            hm = _u8(src, b4 + g * 16 + m, tl.broadcast_to(m4, (NB, 1, 2, 16)))  # hmask[i % 32]
+            for k in tl.static_range(4):
+                j = hf * 8 + 2 * k + g  # [1, 2, 2, 1]
+                low = _u8(src, b4 + 96 + j % 8, m4)
+                high = _u8(src, b4 + 104 + j % 4, m4)
+                sc = ((low >> ((j // 8) * 4)) & 15) | (((high >> ((j // 4) * 2)) & 3) << 4)
+                ql = (byte >> (2 * k)) & 3
+                hbit = ((hm >> (hf * 4 + k)) & 1) ^ 1
+                y = (d * (sc - 32).to(tl.float32)) * (ql - (hbit << 2)).to(tl.float32)
+                tl.store(dst + o4 + k * 32, y.to(dst.dtype.element_ty), mask=full)
+        else:  # Q6_K: ql[128], qh[64], scales[16] int8, d; k = 2 * s + p
+            d = _f16(src, base + 208, mask)[:, None, None, None]
+            qh = _u8(src, b4 + 128 + hf * 32 + g * 16 + m, full)
+            for p in tl.static_range(2):
+                lbyte = _u8(src, b4 + hf * 64 + p * 32 + g * 16 + m, full)  # ql[half * 64 + i % 64]
+                for s in tl.static_range(2):
+                    k = 2 * s + p
+                    sc = tl.load(src + b4 + 192 + hf * 8 + 2 * k + g, mask=m4, other=0)
+                    sc = sc.to(tl.int8, bitcast=True).to(tl.float32)  # [NB, 2, 2, 1]
+                    lo = (lbyte >> (4 * s)) & 15
+                    hi = (qh >> (2 * k)) & 3
+                    y = (d * sc) * ((lo | (hi << 4)) - 32).to(tl.float32)
+                    tl.store(dst + o4 + k * 32, y.to(dst.dtype.element_ty), mask=full)
+
+
+#: K-quant type -> (super-blocks per program, warps): within ~5% of the best point of the
+#: H200 sweep for every type (bench/results/nvidia-h200_bench_dequant.md)
+KQUANT_CONFIG: dict[str, tuple[int, int]] = {q: (16, 4) for q in ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")}
+
+
+def launch(data: torch.Tensor, out: torch.Tensor, qtype: str, config: tuple[int, int] | None = None) -> None:
+    """Dequantise the GGUF blocks ``data`` (uint8, contiguous) into ``out`` (contiguous);
+    ``config`` (super-blocks per program, warps) overrides ``KQUANT_CONFIG`` for K-quants."""
+    code, qk, type_size = QTYPES[qtype]
+    n = out.numel()
+    if not n:
+        return
+    with torch.device(data.device):
+        if qk == 256:
+            nb, warps = config or KQUANT_CONFIG[qtype]
+            blocks = n // 256
+            _kquant_kernel[(triton.cdiv(blocks, nb),)](data, out, blocks, QTYPE=code, TYPE_SIZE=type_size, NB=nb,
+                                                       num_warps=warps)
+        else:
+            block = 1024
+            _dequant_kernel[(triton.cdiv(n, block),)](
+                data, out, n, QTYPE=code, QK=qk, TYPE_SIZE=type_size, BLOCK=block, num_warps=4)
 
 
 def _dtype_code(dtype: torch.dtype) -> int:
@@ -152,14 +209,8 @@ def _dtype_code(dtype: torch.dtype) -> int:
 
 @torch.library.custom_op("kt_marlin::dequantize", mutates_args=())
 def _dequantize_op(data: torch.Tensor, qtype: str, shape: list[int], dtype_code: int) -> torch.Tensor:
-    code, qk, type_size = QTYPES[qtype]
     out = torch.empty(shape, dtype=_OUT_DTYPES[dtype_code], device=data.device)
-    n = out.numel()
-    if n:
-        block = 1024
-        with torch.device(data.device):
-            _dequant_kernel[(triton.cdiv(n, block),)](
-                data, out, n, QTYPE=code, QK=qk, TYPE_SIZE=type_size, BLOCK=block, num_warps=4)
+    launch(data, out, qtype)
     return out
 
 

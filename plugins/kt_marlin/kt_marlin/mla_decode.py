@@ -17,8 +17,14 @@ Two kernels:
    holds ``BLOCK_H`` heads of one row, so each latent block it loads from memory feeds all of
    them (MLA's heads share one latent, as in MQA): two dots for the scores, an online softmax
    in base 2, one dot ``p @ latent`` into an fp32 ``[BLOCK_H, R]`` accumulator. It writes the
-   normalised partial output and its log-sum-exp (``-inf`` for an empty run).
-2. ``_reduce_kernel``, grid ``(rows, heads)``: combines the splits by their log-sum-exps.
+   normalised partial output (in the query's dtype: a bf16 query rounds its output to bf16
+   anyway) and its log-sum-exp (``-inf`` for an empty run). On the GPU a 16-bit query takes
+   64 heads per program with 8 warps: the two dots become Hopper warpgroup MMAs (M = 64; the
+   two warpgroups share the scores and each owns half of the 512 value columns), and
+   DeepSeek-V3's 128 heads read each latent block twice (the second time from L2) instead
+   of eight times with 16-head blocks.
+2. ``_reduce_kernel``, grid ``(rows, heads, R / BLOCK_RR)``: combines the splits by their
+   log-sum-exps, loading all splits of a ``BLOCK_RR`` column chunk at once.
 
 A row with no visible slot (limit 0: a padding row of a batch bucket) gets zeros.
 
@@ -40,9 +46,9 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _split_kernel(ql_ptr, qr_ptr, lat_ptr, kr_ptr, lim_ptr, part_ptr, lse_ptr,
-                  n_heads, rows_per_batch, scale_log2,
+                  n_heads, rows_per_batch, scale_log2, SPLITS,
                   s_ql_n, s_ql_h, s_qr_n, s_qr_h, s_lat_b, s_lat_s, s_kr_b, s_kr_s,
-                  R: tl.constexpr, DR: tl.constexpr, SPLITS: tl.constexpr,
+                  R: tl.constexpr, DR: tl.constexpr,
                   BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr,
                   DOT_IEEE: tl.constexpr):
     n = tl.program_id(0)
@@ -53,7 +59,7 @@ def _split_kernel(ql_ptr, qr_ptr, lat_ptr, kr_ptr, lim_ptr, part_ptr, lse_ptr,
     mask_h = heads < n_heads
     rr = tl.arange(0, BLOCK_R)  # [BR]
     rd = tl.arange(0, BLOCK_DR)  # [BDR]
-    mask_r = rr < R
+    mask_r = rr < R  # all true when R == BLOCK_R (DeepSeek's 512 and 64)
     mask_d = rd < DR
 
     # this split's run of slots: whole blocks, the same count for every split of the row
@@ -83,50 +89,50 @@ def _split_kernel(ql_ptr, qr_ptr, lat_ptr, kr_ptr, lim_ptr, part_ptr, lse_ptr,
                       mask=mask_s[:, None] & mask_r[None, :], other=0).to(ql.dtype)  # [BS, BR]
         kr = tl.load(kr_base + s[:, None].to(tl.int64) * s_kr_s + rd[None, :],
                      mask=mask_s[:, None] & mask_d[None, :], other=0).to(qr.dtype)  # [BS, BDR]
+        # each dot accumulates into its third operand in place (a separate add would hold a
+        # second [BH, BR] fp32 tile in registers)
         if DOT_IEEE:
-            score = tl.dot(ql, tl.trans(lat), input_precision="ieee")
-            score += tl.dot(qr, tl.trans(kr), input_precision="ieee")
+            score = tl.dot(ql, tl.trans(lat), tl.dot(qr, tl.trans(kr), input_precision="ieee"), input_precision="ieee")
         else:
-            score = tl.dot(ql, tl.trans(lat))
-            score += tl.dot(qr, tl.trans(kr))  # [BH, BS] fp32
+            score = tl.dot(ql, tl.trans(lat), tl.dot(qr, tl.trans(kr)))  # [BH, BS] fp32
         score = tl.where(mask_s[None, :], score * scale_log2, float("-inf"))
         m_new = tl.maximum(m, tl.max(score, axis=1))  # [BH]
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(score - m_new[:, None])  # [BH, BS]
         l = l * alpha + tl.sum(p, axis=1)
         if DOT_IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, lat, input_precision="ieee")
+            acc = tl.dot(p, lat, acc * alpha[:, None], input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat)  # [BH, BR]
+            acc = tl.dot(p.to(lat.dtype), lat, acc * alpha[:, None])  # [BH, BR]
         m = m_new
 
     has = l > 0
     out = acc / tl.where(has, l, 1.0)[:, None]
     lse = tl.where(has, m + tl.log2(tl.where(has, l, 1.0)), float("-inf"))  # base 2
     row_head = n.to(tl.int64) * n_heads + heads  # [BH]
-    tl.store(part_ptr + (row_head[:, None] * SPLITS + split) * R + rr[None, :], out,
+    tl.store(part_ptr + (row_head[:, None] * SPLITS + split) * R + rr[None, :], out.to(part_ptr.dtype.element_ty),
              mask=mask_h[:, None] & mask_r[None, :])
     tl.store(lse_ptr + row_head * SPLITS + split, lse, mask=mask_h)
 
 
 @triton.jit
-def _reduce_kernel(part_ptr, lse_ptr, out_ptr, n_heads, s_out_n, s_out_h,
-                   R: tl.constexpr, SPLITS: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_R: tl.constexpr):
+def _reduce_kernel(part_ptr, lse_ptr, out_ptr, n_heads, SPLITS, s_out_n, s_out_h,
+                   R: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_RR: tl.constexpr):
     n = tl.program_id(0)
     h = tl.program_id(1)
+    rr = tl.program_id(2) * BLOCK_RR + tl.arange(0, BLOCK_RR)  # [BRR]
     row_head = n.to(tl.int64) * n_heads + h
-    sp = tl.arange(0, BLOCK_SPLITS)
-    rr = tl.arange(0, BLOCK_R)
+    sp = tl.arange(0, BLOCK_SPLITS)  # [BSP]
+    mask_sp = sp < SPLITS
     mask_r = rr < R
-    lse = tl.load(lse_ptr + row_head * SPLITS + sp, mask=sp < SPLITS, other=float("-inf"))  # [BSP]
+    lse = tl.load(lse_ptr + row_head * SPLITS + sp, mask=mask_sp, other=float("-inf"))  # [BSP]
     top = tl.max(lse, axis=0)
     top = tl.where(top == float("-inf"), 0.0, top)
-    total = tl.sum(tl.exp2(lse - top), axis=0)  # empty splits weigh 0
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for i in range(SPLITS):  # one [R] row at a time: few registers
-        w = tl.exp2(tl.load(lse_ptr + row_head * SPLITS + i) - top)
-        acc += w * tl.load(part_ptr + (row_head * SPLITS + i) * R + rr, mask=mask_r, other=0)
-    out = acc / tl.where(total > 0, total, 1.0)  # [BR]
+    w = tl.exp2(lse - top)  # empty splits weigh 0
+    total = tl.sum(w, axis=0)
+    part = tl.load(part_ptr + (row_head * SPLITS + sp[:, None]) * R + rr[None, :],
+                   mask=mask_sp[:, None] & mask_r[None, :], other=0).to(tl.float32)  # [BSP, BRR]
+    out = tl.sum(part * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)  # [BRR]
     tl.store(out_ptr + n.to(tl.int64) * s_out_n + h * s_out_h + rr, out.to(out_ptr.dtype.element_ty), mask=mask_r)
 
 
@@ -140,14 +146,17 @@ def choose_config(rows: int, n_heads: int, max_len: int, device: torch.device, q
     if device.type != "cuda":  # Triton's interpreter: small tiles, a few splits to exercise the reduce
         return dict(BLOCK_H=16, BLOCK_S=16, SPLITS=max(1, min(3, triton.cdiv(max_len, 16))), num_warps=4, num_stages=1)
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    # fp32 tiles are twice the bytes: halve BLOCK_S to keep the pipelined tiles in shared memory
-    block_h, block_s = 16, (32 if q_element_size <= 2 else 16)
+    if q_element_size <= 2 and n_heads >= 64:
+        # warpgroup MMAs (M = 64 heads), the [64, 512] fp32 accumulator over 256 threads;
+        # shared memory (q 72 KiB + 2 stages of 72 KiB) fits one program per SM. BLOCK_S 64
+        # was the fastest of the H200 sweep (bench/results/nvidia-h200_bench_mla.md)
+        block_h, block_s, warps, per_sm = 64, 64, 8, 1
+    else:  # fp32 (twice the bytes per tile) or few heads: 16-head blocks
+        block_h, block_s, warps, per_sm = 16, (32 if q_element_size <= 2 else 16), 4, 2
     programs = rows * triton.cdiv(n_heads, block_h)
-    # enough programs for ~2 waves, but no split shorter than 256 slots of the static cache: a
-    # split writes nH * R fp32 partials (256 KiB for DeepSeek-V3, what 256 slots of latents
-    # weigh), so shorter splits would move more partials than latents
-    splits = max(1, min(triton.cdiv(2 * sms, programs), max_len // 256, 64))
-    return dict(BLOCK_H=block_h, BLOCK_S=block_s, SPLITS=splits, num_warps=4, num_stages=2)
+    # one wave of programs, no split shorter than a block of the static cache
+    splits = max(1, min(triton.cdiv(per_sm * sms, programs), max_len // block_s, 128))
+    return dict(BLOCK_H=block_h, BLOCK_S=block_s, SPLITS=splits, num_warps=warps, num_stages=2)
 
 
 def launch(q_latent: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
@@ -162,20 +171,22 @@ def launch(q_latent: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k
         return out
     cfg = dict(config or choose_config(n, n_heads, latent.shape[1], q_latent.device, q_latent.element_size()))
     splits = cfg.pop("SPLITS")
-    part = torch.empty((n, n_heads, splits, r), dtype=torch.float32, device=q_latent.device)
+    part = torch.empty((n, n_heads, splits, r), dtype=q_latent.dtype, device=q_latent.device)
     lse = torch.empty((n, n_heads, splits), dtype=torch.float32, device=q_latent.device)
     block_r, block_dr = max(16, triton.next_power_of_2(r)), max(16, triton.next_power_of_2(dr))  # tl.dot: >= 16
+    block_splits = triton.next_power_of_2(splits)
+    block_rr = min(block_r, max(32, 8192 // block_splits))  # the reduce's [splits, BLOCK_RR] tile: <= 8192 values
     dot_ieee = q_latent.dtype == torch.float32 or q_latent.device.type == "cpu"
     with torch.device(q_latent.device):
         _split_kernel[(n, triton.cdiv(n_heads, cfg["BLOCK_H"]), splits)](
             q_latent, q_rope, latent, k_rope, limits, part, lse,
-            n_heads, rows_per_batch, softmax_scale * _LOG2E,
+            n_heads, rows_per_batch, softmax_scale * _LOG2E, splits,
             q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
             latent.stride(0), latent.stride(1), k_rope.stride(0), k_rope.stride(1),
-            R=r, DR=dr, SPLITS=splits, BLOCK_R=block_r, BLOCK_DR=block_dr, DOT_IEEE=dot_ieee, **cfg)
-        _reduce_kernel[(n, n_heads)](
-            part, lse, out, n_heads, out.stride(0), out.stride(1),
-            R=r, SPLITS=splits, BLOCK_SPLITS=triton.next_power_of_2(splits), BLOCK_R=block_r, num_warps=4)
+            R=r, DR=dr, BLOCK_R=block_r, BLOCK_DR=block_dr, DOT_IEEE=dot_ieee, **cfg)
+        _reduce_kernel[(n, n_heads, triton.cdiv(r, block_rr))](
+            part, lse, out, n_heads, splits, out.stride(0), out.stride(1),
+            R=r, BLOCK_SPLITS=block_splits, BLOCK_RR=block_rr, num_warps=4)
     return out
 
 

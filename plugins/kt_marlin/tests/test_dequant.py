@@ -12,7 +12,7 @@ pytest.importorskip("triton", reason="kt-marlin's kernels need triton (pip insta
 from gguf import GGMLQuantizationType  # noqa: E402
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 
-from kt_marlin.dequant import QTYPES, dequantize  # noqa: E402
+from kt_marlin.dequant import QTYPES, dequantize, launch  # noqa: E402
 
 SHAPES = [(1, 256), (3, 512), (5, 768)]  # ordinary, odd rows, 3 super-blocks per row
 
@@ -46,6 +46,21 @@ def test_half_dtypes_round_like_torch(qtype, dtype, device, random_blocks):
         assert int(ulp.max()) <= 1
     else:
         assert torch.equal(out, ref)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # numpy/the interpreter on NaN scales
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("config", [(4, 1), (16, 4), (64, 8)])
+def test_kquant_tiles_bit_exact(qtype, config, device):
+    """The K-quant kernel at several super-blocks per program over 37 super-blocks (a last,
+    partly masked program) of random bytes, fp16 scales included."""
+    rng = np.random.default_rng(len(qtype) * 100 + config[0])
+    _, qk, size = QTYPES[qtype]
+    raw = rng.integers(0, 256, size=37 * size, dtype=np.uint8)
+    ref = _reference(raw, qtype, (37 * qk,))
+    out = torch.full((37 * qk,), 7.0, device=device)
+    launch(torch.from_numpy(raw).to(device), out, qtype, config)
+    assert _same_bits(out.cpu(), ref)
 
 
 def test_rejects_bad_input(device):

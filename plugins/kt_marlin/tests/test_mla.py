@@ -197,6 +197,31 @@ def test_split_count_does_not_change_result(splits, device):
     torch.testing.assert_close(one, torch.einsum("nhs,nsr->nhr", probs, latent), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_head_blocks_and_chunked_reduce(dtype, device):
+    """64-head programs with 8 warps (the GPU's tile for many heads) over 70 heads (a masked
+    second head block), R 96 (a masked column tile), many splits (the reduce in column
+    chunks); NaN past every row's limit, one row with no visible slot (zeros)."""
+    n, heads, r, dr, S = 3, 70, 96, 16, 90
+    q_latent, q_rope = torch.randn(n, heads, r).to(dtype), torch.randn(n, heads, dr).to(dtype)
+    latent, k_rope = torch.randn(n, S, r).to(dtype), torch.randn(n, S, dr).to(dtype)
+    limits = torch.tensor([90, 0, 37])
+    visible = torch.arange(S)[None] < limits[:, None]  # [n, S]
+    got = launch(q_latent.to(device), q_rope.to(device),
+                 latent.masked_fill(~visible[..., None], float("nan")).to(device),
+                 k_rope.masked_fill(~visible[..., None], float("nan")).to(device), limits.to(device), 1, 0.1,
+                 dict(BLOCK_H=64, BLOCK_S=16, SPLITS=40, num_warps=8, num_stages=2)).cpu()
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    assert (got[1] == 0).all()
+    scores = torch.einsum("nhr,nsr->nhs", q_latent.float(), latent.float())
+    scores += torch.einsum("nhd,nsd->nhs", q_rope.float(), k_rope.float())
+    probs = torch.softmax((scores * 0.1).masked_fill(~visible[:, None], float("-inf")), dim=-1)
+    want = torch.einsum("nhs,nsr->nhr", probs, latent.float())
+    for row in (0, 2):
+        err = rel_err(got[row], want[row])
+        assert err <= TOL[dtype], f"row {row}: relative error {err:.3g} > {TOL[dtype]}"
+
+
 def test_opcheck_and_compile(device):
     spec = make_spec(32)
     ref, ours = build_pair(spec, torch.float32, device, seed=3)
@@ -272,6 +297,29 @@ def test_v3_shapes_gpu(heads, context, dtype):
     assert got.dtype == dtype
     err = rel_err(got, want.cpu())
     assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("S, limits", [(4200, [4096, 0, 1500]), (33000, [32768, 9000, 5])])
+def test_v3_decode_kernel_default_config_gpu(S, limits):
+    """The op with its default (64-head, many-split) config at DeepSeek-V3's 128 heads,
+    latent 512 + rope 64, bf16: NaN past each row's limit, a row with no visible slot."""
+    n, heads, r, dr = len(limits), 128, 512, 64
+    q_latent = torch.randn(n, heads, r, device="cuda", dtype=torch.bfloat16)
+    q_rope = torch.randn(n, heads, dr, device="cuda", dtype=torch.bfloat16)
+    latent = torch.randn(n, S, r, device="cuda", dtype=torch.bfloat16)
+    k_rope = torch.randn(n, S, dr, device="cuda", dtype=torch.bfloat16)
+    lim = torch.tensor(limits, device="cuda")
+    visible = torch.arange(S, device="cuda")[None] < lim[:, None]  # [n, S]
+    got = torch.ops.kt_marlin.mla_decode(q_latent, q_rope, latent.masked_fill(~visible[..., None], float("nan")),
+                                         k_rope.masked_fill(~visible[..., None], float("nan")), lim, 1, 0.07)
+    assert torch.isfinite(got).all()
+    scores = torch.einsum("nhr,nsr->nhs", q_latent.float(), latent.float())
+    scores += torch.einsum("nhd,nsd->nhs", q_rope.float(), k_rope.float())
+    probs = torch.softmax((scores * 0.07).masked_fill(~visible[:, None], float("-inf")), dim=-1).nan_to_num()
+    want = torch.einsum("nhs,nsr->nhr", probs, latent.float())
+    assert rel_err(got, want.cpu()) <= TOL[torch.bfloat16]
+    assert (got[lim == 0] == 0).all()
 
 
 @pytest.mark.cuda
