@@ -44,7 +44,7 @@ typedef struct {
     float *hs;
     int32_t *hsum;
     float *ypair;         /* [rmax][H] */
-    _Atomic int32_t *gu_left; /* [n_slots] gate/up items of an active expert not done yet */
+    _Atomic int32_t *gu_left; /* [n_slots] gate/up items left of an active expert; -1: h ready */
     uint8_t *scratch;     /* [threads][scratch_bytes] */
     int64_t xrow, hrow, scratch_bytes;
     int32_t rmax;
@@ -97,7 +97,6 @@ struct kt_job {
     int32_t ppi_I, ppi_H;  /* panels per gate/up and per down item */
     int32_t one_phase;     /* decode: gate/up items then down items in one phase */
     int32_t n_gu_items;    /* one_phase: items below this are gate/up items */
-    _Atomic int32_t ready; /* one_phase: active experts whose h is in the down kernel's format */
     int32_t prep_status;   /* status found while preparing (bad ids), kept when a run starts */
     int32_t n_items[KT_NUM_PHASES];
     _Atomic int32_t next[KT_NUM_PHASES];

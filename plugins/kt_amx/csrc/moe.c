@@ -328,7 +328,6 @@ void kt_job_reset_run(kt_job *job) {
     atomic_store_explicit(&job->for_next, 0, memory_order_relaxed);
     atomic_store(&job->bar_count, 0);
     atomic_store(&job->bar_gen, 0);
-    atomic_store(&job->ready, 0);
     atomic_store(&job->status, job->prep_status);
 }
 
@@ -629,11 +628,13 @@ static void down(kt_job *j, int32_t item, int32_t worker) {
  * expert's weights. The submitting thread routes the pairs (rows unpadded) and quantises x
  * while preparing; the workers' one phase has the gate/up items (expert-major, x rows read in
  * place through A.rows) followed by the down items. The worker that finishes an expert's last
- * gate/up item quantises that expert's h rows and counts the expert ready. A down item (a
- * range of H panels over every active expert, then those columns of y summed as the phases'
- * reduce sums them, so the output is bit for bit the phases') first waits until every expert
- * is ready. Items are taken in order from one counter, so when anyone waits, every gate/up
- * item is already being run: the wait cannot deadlock.
+ * gate/up item quantises that expert's h rows and marks the expert ready (gu_left = -1). A
+ * down item (a range of H panels over every active expert, then those columns of y summed as
+ * the phases' reduce sums them, so the output is bit for bit the phases') runs the experts in
+ * the order they become ready: each expert's rows go to their own ypair rows, so the order
+ * changes no bit, and no worker idles until the slowest expert's gate/up is done. Items are
+ * taken in order from one counter, so when anyone waits, every gate/up item is already being
+ * run: the wait cannot deadlock.
  */
 
 /* Panels per item: about KT_ITEMS_PER_WORKER items per worker, each at most KT_ITEM_MAX_BYTES
@@ -674,14 +675,6 @@ static int prepare_one_phase(kt_job *j) {
     return 1;
 }
 
-static void wait_experts_ready(kt_job *j) {
-    unsigned spins = 0;
-    while (atomic_load_explicit(&j->ready, memory_order_acquire) < j->n_active) {
-        __builtin_ia32_pause();
-        if (++spins % 4096 == 0) sched_yield(); /* an oversubscribed host must not livelock */
-    }
-}
-
 /* Down item d: H panels [p0, p0 + np) of every active expert's rows into ypair, then those
  * columns of y = sum over each token's pairs of w * ypair, by the same reduce as the phases
  * (k order, one fma per term): a token's output does not depend on the path or the batch. */
@@ -690,13 +683,26 @@ static void down_all_experts(kt_job *j, int32_t d) {
     kt_ws *w = &j->ws;
     const int32_t H = m->d.hidden, p0 = d * j->ppi_H, np = min32(H / KT_PANEL - p0, j->ppi_H);
     const kt_act A = {w->hq, w->hrow, w->hs, w->hsum, m->down.ngroups};
-    for (int32_t a = 0; a < j->n_active; a++) {
-        const int32_t slot = w->active[3 * a], off = w->active[3 * a + 1], cnt = w->active[3 * a + 2];
-        if (a + 1 < j->n_active) { /* the next expert's run starts cold: ask for its first lines */
-            const uint8_t *next = m->down.w + w->active[3 * a + 3] * m->down.w_slot + p0 * m->down.w_panel;
-            for (int64_t b = 0; b < 1024 && b < np * m->down.w_panel; b += 64) __builtin_prefetch(next + b);
+    const int32_t na = j->n_active;
+    int32_t first = 0; /* experts before `first` are done here; after it, done[a] says */
+    uint8_t done[na > 0 ? na : 1]; /* na <= T * K, T <= KT_DECODE_TOKENS_MAX */
+    memset(done, 0, sizeof done);
+    unsigned spins = 0;
+    while (first < na) {
+        int32_t ran = 0;
+        for (int32_t a = first; a < na; a++) {
+            if (done[a] || atomic_load_explicit(&w->gu_left[a], memory_order_acquire) >= 0) continue;
+            const int32_t slot = w->active[3 * a], off = w->active[3 * a + 1], cnt = w->active[3 * a + 2];
+            j->ops->gemm(&m->fmt, &m->down, slot, p0, np, &A, off, cnt, w->ypair + (int64_t)off * H + p0 * KT_PANEL,
+                         H);
+            done[a] = 1;
+            ran = 1;
         }
-        j->ops->gemm(&m->fmt, &m->down, slot, p0, np, &A, off, cnt, w->ypair + (int64_t)off * H + p0 * KT_PANEL, H);
+        while (first < na && done[first]) first++;
+        if (!ran && first < na) {
+            __builtin_ia32_pause();
+            if (++spins % 4096 == 0) sched_yield(); /* an oversubscribed host must not livelock */
+        }
     }
     j->ops->reduce(j->y, j->y_dtype, H, w->ypair, w->tk_row, j->w, j->K, 0, j->T, p0 * KT_PANEL,
                    (p0 + np) * KT_PANEL);
@@ -705,7 +711,6 @@ static void down_all_experts(kt_job *j, int32_t d) {
 static void one_phase_item(kt_job *j, int32_t item, int32_t worker) {
     kt_ws *w = &j->ws;
     if (item >= j->n_gu_items) {
-        wait_experts_ready(j);
         down_all_experts(j, item - j->n_gu_items);
         return;
     }
@@ -714,7 +719,7 @@ static void one_phase_item(kt_job *j, int32_t item, int32_t worker) {
     if (atomic_fetch_sub_explicit(&w->gu_left[a], 1, memory_order_acq_rel) == 1) { /* the expert's last */
         const int32_t off = w->active[3 * a + 1];
         if ((uint8_t *)w->h != w->hq) quantize_h_rows(j, off, off + w->active[3 * a + 2]);
-        atomic_fetch_add_explicit(&j->ready, 1, memory_order_release);
+        atomic_store_explicit(&w->gu_left[a], -1, memory_order_release); /* ready for down */
     }
 }
 
