@@ -13,11 +13,13 @@
  *   - the caller routes and quantises x (T rows: cheap) before the run;
  *   - items [0, n_gu) are the gate/up items, expert-major; the worker that finishes an
  *     expert's last one (per-expert counter, acq_rel) quantises that expert's h rows and
- *     counts the expert ready (release);
- *   - items [n_gu, n_gu + n_down) are the down items; each first waits until every active
- *     expert is ready. Items are taken in order from one atomic counter (own pool and kt-amx's
- *     parallel-for alike; a serial fallback runs them in order too), so when anyone waits, every
- *     gate/up item has been taken by a worker that runs it without waiting: no deadlock.
+ *     marks the expert ready (its counter set to -1, release);
+ *   - items [n_gu, n_gu + n_down) are the down items; each adds the experts in expert order
+ *     (the sum's order, so the bits do not change) and waits for each expert only when it
+ *     reaches it, so down work starts while the last experts' gate/up still run. Items are
+ *     taken in order from one atomic counter (own pool and kt-amx's parallel-for alike; a
+ *     serial fallback runs them in order too), so when anyone waits, every gate/up item has
+ *     been taken by a worker that runs it without waiting: no deadlock.
  * Larger batches keep separate runs (quantise x per token, gate/up, quantise h, down): there
  * the work per run dwarfs the wake-ups, and quantising h per pair spreads over all workers.
  *
@@ -43,7 +45,7 @@ struct ktl_experts_ws {
     int64_t *offset;   /* [E + 2] first sorted pair of each active expert */
     int32_t *token;    /* [P] token of each sorted pair */
     float *alpha;      /* [P] routing weight of each sorted pair */
-    _Atomic int *left; /* [E + 1] gate/up items of each active expert not yet done (fused run) */
+    _Atomic int *left; /* [E + 1] gate/up items of each active expert not yet done, -1: h ready (fused run) */
     float *x32;        /* [t, H] bf16 x as fp32, or NULL (fp32 x) */
     uint8_t *xq_gate;  /* [t, lay_gate.stride] quantised x for gate, or NULL (float gate) */
     uint8_t *xq_up;    /* [t, lay_up.stride] for up, or NULL (float up, or the same kind as gate) */
@@ -209,7 +211,7 @@ typedef struct {
     row_split isplit; /* gate/up rows of one expert: n_gu = n_active * isplit.items items */
     row_split hsplit; /* down: the hidden rows */
     int64_t n_gu;
-    _Atomic int64_t ready; /* experts whose h rows are ready for down (fused run) */
+    int fused; /* one pool run: down waits for each expert's h (ws->left[a] == -1) */
 } experts_job;
 
 static float activate(int act, float g) {
@@ -298,6 +300,20 @@ static void quant_h_task(void *raw, int64_t p, int worker) {
     quant_h(raw, p);
 }
 
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Fused run: until active expert a's h rows are ready for down. */
+static void wait_ready(const ktl_experts_ws *ws, int64_t a) {
+    for (int spins = 1; atomic_load_explicit(&ws->left[a], memory_order_acquire) >= 0; spins++) {
+        cpu_relax();
+        if (spins % SPINS_PER_YIELD == 0) sched_yield();
+    }
+}
+
 /* Hidden rows [r0, r1) of every token: zeroed, each active expert's weighted rows added in
  * expert order, then stored as bf16 when y is bf16. */
 static void down_rows(const experts_job *j, int64_t r0, int64_t r1) {
@@ -315,6 +331,7 @@ static void down_rows(const experts_job *j, int64_t r0, int64_t r1) {
     ga.out_stride = H;
     ga.accumulate = 1;
     for (int64_t a = 0; a < j->n_active; a++) {
+        if (j->fused) wait_ready(ws, a);
         int64_t p0 = ws->offset[a];
         ga.w = expert_base(d->down, d->qtype_down, d->slot_of[ws->expert[a]], H, I);
         ga.act = ws->hq ? ws->hq + p0 * j->kinds.lay_down.stride : (const uint8_t *)(ws->g + p0 * I);
@@ -344,14 +361,8 @@ static void gate_up_task(void *raw, int64_t item, int worker) {
     gate_up_item(raw, item);
 }
 
-static inline void cpu_relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
-}
-
-/* The fused run's items: gate/up first (the last of an expert quantises its h rows), then down
- * (each waits for all experts). */
+/* The fused run's items: gate/up first (the last of an expert quantises its h rows and marks
+ * it ready), then down (waiting for each expert as it comes to it). */
 static void fused_task(void *raw, int64_t item, int worker) {
     (void)worker;
     experts_job *j = raw;
@@ -361,12 +372,8 @@ static void fused_task(void *raw, int64_t item, int worker) {
         if (atomic_fetch_sub_explicit(&j->ws->left[a], 1, memory_order_acq_rel) != 1) return;
         if (j->ws->hq)
             for (int64_t p = j->ws->offset[a]; p < j->ws->offset[a + 1]; p++) quant_h(j, p);
-        atomic_fetch_add_explicit(&j->ready, 1, memory_order_release);
+        atomic_store_explicit(&j->ws->left[a], -1, memory_order_release); /* ready for down */
         return;
-    }
-    for (int spins = 1; atomic_load_explicit(&j->ready, memory_order_acquire) < j->n_active; spins++) {
-        cpu_relax();
-        if (spins % SPINS_PER_YIELD == 0) sched_yield();
     }
     down_item(j, item - j->n_gu);
 }
@@ -375,7 +382,7 @@ static void run_fused(ktl_pool *pool, experts_job *j) {
     for (int64_t i = 0; i < j->t; i++) prepare_token(j, i);
     for (int64_t a = 0; a < j->n_active; a++)
         atomic_store_explicit(&j->ws->left[a], (int)j->isplit.items, memory_order_relaxed);
-    atomic_store_explicit(&j->ready, 0, memory_order_relaxed);
+    j->fused = 1;
     ktl_pool_run(pool, fused_task, j, j->n_gu + j->hsplit.items); /* the run publishes the above */
 }
 
@@ -419,7 +426,6 @@ int ktl_experts_run(ktl_pool *pool, const ktl_experts_desc *d, ktl_experts_ws *w
     j.isplit = split_rows(d->inter, 1, (4 * (int64_t)threads + j.n_active - 1) / j.n_active, t == 1 ? 1 : 4);
     j.hsplit = split_rows(d->hidden, threads, 4, t == 1 ? 1 : 4);
     j.n_gu = j.n_active * j.isplit.items;
-    atomic_init(&j.ready, 0);
     if (t * topk <= FUSED_PAIRS) run_fused(pool, &j);
     else run_phases(pool, &j);
     return 0;
