@@ -32,17 +32,28 @@
 /* Software prefetch this many bytes ahead in each weight row (0: leave it to the hardware).
  * 4 KiB into L1 measured best on the 16-core Xeon GPU host (bench/sweep_gemv.py, 14 threads:
  * Q8_0 GEMV 0.48 -> 0.64 of read bandwidth, paired 0.55 -> 0.80; Q4_K about even), where the
- * hardware prefetchers stop at 4 KiB pages. */
+ * hardware prefetchers stop at 4 KiB pages. PREFETCH_SPAN(p, n) prefetches the data n bytes
+ * long at p that far ahead, one prefetch per 64 bytes: a block longer than a cache line (Q4_K
+ * 144 bytes, Q6_K 210) needs 3-4 to reach every line of the stream, where one per block
+ * covered about half of Q4_K's lines and a third of Q6_K's. KTL_PREFETCH_LINES=0: one per
+ * block (sessions 3-5). */
 #ifndef KTL_PREFETCH
 #define KTL_PREFETCH 4096
 #endif
 #ifndef KTL_PREFETCH_HINT
 #define KTL_PREFETCH_HINT _MM_HINT_T0
 #endif
+#ifndef KTL_PREFETCH_LINES
+#define KTL_PREFETCH_LINES 1
+#endif
 #if KTL_PREFETCH > 0
-#define PREFETCH_AHEAD(p) _mm_prefetch((const char *)(p) + KTL_PREFETCH, KTL_PREFETCH_HINT)
+#define PREFETCH_SPAN(p, n)                                                                        \
+    do {                                                                                           \
+        for (int o_ = 0; o_ < (KTL_PREFETCH_LINES ? (n) : 1); o_ += 64)                            \
+            _mm_prefetch((const char *)(p) + KTL_PREFETCH + o_, KTL_PREFETCH_HINT);                \
+    } while (0)
 #else
-#define PREFETCH_AHEAD(p) ((void)0)
+#define PREFETCH_SPAN(p, n) ((void)0)
 #endif
 
 KTL_INLINE float h2f(const uint8_t *p) { return _cvtsh_ss(ktl_ld16(p)); }
@@ -102,7 +113,7 @@ KTL_INLINE __m512 load_bf16(const uint8_t *p, __mmask16 m, int full) {
                                       const uint8_t *const *x, int rm, int rn, int64_t e,          \
                                       __mmask16 m, int full, __m512 acc[RM][RN]) {                 \
         __m512 wv[RM];                                                                             \
-        for (int i = 0; i < rm; i++) PREFETCH_AHEAD(w + i * a->row_bytes + e * (ESZ));             \
+        for (int i = 0; i < rm; i++) PREFETCH_SPAN(w + i * a->row_bytes + e * (ESZ), 16 * (ESZ));             \
         for (int i = 0; i < rm; i++) wv[i] = load_##name(w + i * a->row_bytes + e * (ESZ), m, full); \
         for (int j = 0; j < rn; j++) {                                                             \
             __m512 xv = load_f32(x[j] + e * 4, m, full);                                           \
@@ -250,7 +261,7 @@ KTL_INLINE void token_pair(const ktl_gemm_args *a, const uint8_t *x, int64_t p, 
                                 int rm, int rn, int64_t p, int two, __m512 acc[RM][RN]) {          \
         for (int i = 0; i < rm; i++) {                                                             \
             pdec dw;                                                                               \
-            PREFETCH_AHEAD(w + i * a->row_bytes + 2 * p * (BS));                                   \
+            PREFETCH_SPAN(w + i * a->row_bytes + 2 * p * (BS), (1 + two) * (BS));                                   \
             pdec_##name(w + i * a->row_bytes + 2 * p * (BS), two, &dw);                            \
             for (int j = 0; j < rn; j++) {                                                         \
                 __m512 dxv;                                                                        \
@@ -478,7 +489,7 @@ KTL_INLINE __m512 kdot(const kdec *w, const int8_t *xq, const int16_t *bs, float
                                   int rm, int rn, int64_t b, __m512 acc[KRM][KRN]) {               \
         for (int i = 0; i < rm; i++) {                                                             \
             kdec dw;                                                                               \
-            PREFETCH_AHEAD(w + i * a->row_bytes + b * (BS));                                       \
+            PREFETCH_SPAN(w + i * a->row_bytes + b * (BS), BS);                                       \
             kdec_##name(w + i * a->row_bytes + b * (BS), &dw);                                     \
             for (int j = 0; j < rn; j++) {                                                         \
                 const float dx = ((const float *)(x[j] + a->lay.d_off))[b];                        \
@@ -592,7 +603,7 @@ KTL_INLINE void kdot1(const kdec1 *w, const int8_t *xq, const int16_t *bs, float
         __m256 accm = _mm256_setzero_ps();                                                         \
         for (int64_t b = 0; b < a->k / KTL_QKK; b++) {                                             \
             kdec1 dw;                                                                              \
-            PREFETCH_AHEAD(w + b * (BS));                                                          \
+            PREFETCH_SPAN(w + b * (BS), BS);                                                          \
             kdec1_##name(w + b * (BS), &dw);                                                       \
             kdot1(&dw, (const int8_t *)x + KTL_QKK * b, bs + 16 * b, dx[b], HAS_MIN, &acc, &accm); \
         }                                                                                          \
