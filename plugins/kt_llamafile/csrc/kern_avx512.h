@@ -29,19 +29,20 @@
 #define KRN 8
 #endif
 
-/* Software prefetch this many bytes ahead in each weight row (0: leave it to the hardware).
- * 4 KiB into L1 measured best on the 16-core Xeon GPU host (bench/sweep_gemv.py, 14 threads:
- * Q8_0 GEMV 0.48 -> 0.64 of read bandwidth, paired 0.55 -> 0.80; Q4_K about even), where the
- * hardware prefetchers stop at 4 KiB pages. PREFETCH_SPAN(p, n) prefetches the data n bytes
- * long at p that far ahead, one prefetch per 64 bytes: a block longer than a cache line (Q4_K
- * 144 bytes, Q6_K 210) needs 3-4 to reach every line of the stream, where one per block
- * covered about half of Q4_K's lines and a third of Q6_K's. KTL_PREFETCH_LINES=0: one per
- * block (sessions 3-5). */
+/* Software prefetch this many bytes ahead in each weight row (0: leave it to the hardware),
+ * into L2 (hint T1). On the 16-core Xeon GPU host (bench/sweep_gemv.py, 14 threads, session 6;
+ * GB/s gate_up/down, Q4_K then Q8_0): none 64.7/66.2 75.7/71.4; 4 KiB into L1 (sessions 3-5)
+ * 88.7/90.9 86.7/99.2; 4 KiB into L2 88.7/88.1 95.2/101.1; 8 KiB into L2 91.1/89.7
+ * 100.5/99.4 (the host is noisy: about +-10% between runs). PREFETCH_SPAN(p, n) prefetches
+ * the data n bytes long at p that far ahead, one prefetch per 64 bytes: a block longer than a
+ * cache line (Q4_K 144 bytes, Q6_K 210) needs 3-4 to reach every line of the stream, where one
+ * per block covered about half of Q4_K's lines and a third of Q6_K's (Q4_K with one per block,
+ * KTL_PREFETCH_LINES=0: 83.0/86.0 GB/s, paired fraction 0.78/0.80 against 0.86/0.89). */
 #ifndef KTL_PREFETCH
-#define KTL_PREFETCH 4096
+#define KTL_PREFETCH 8192
 #endif
 #ifndef KTL_PREFETCH_HINT
-#define KTL_PREFETCH_HINT _MM_HINT_T0
+#define KTL_PREFETCH_HINT _MM_HINT_T1
 #endif
 #ifndef KTL_PREFETCH_LINES
 #define KTL_PREFETCH_LINES 1
