@@ -12,6 +12,10 @@
 - GEMV (T = 1): DeepSeek-V3 expert shapes, gate/up [2048, 7168] and down [7168, 2048], as a
   set of copies whose total size is several times the last-level cache, cycled through, so
   every weight byte comes from DRAM. GB/s = weight bytes / time; fraction = GB/s / ceiling.
+  The GEMV is called straight through the C entry point, as the probe is (``gbs_python``: the
+  same passes through the torch wrapper ``_lib.matmul``, which adds its own per-call cost).
+- Diagnostics: ``compute_1t_gbs``, one thread's GB/s on a cache-resident part of each shape
+  (compute cost per byte); ``pool_run_overhead_us``, a pool run with almost no work.
 - Batched (T = 64, 512): tokens/s and GFLOP/s on one [2048, 7168] matrix.
 
 - Pool: ``--pool own`` (default) runs on kt-llamafile's own pool of ``--threads`` threads;
@@ -37,7 +41,7 @@ import numpy as np
 import torch
 
 from kt_llamafile import _lib
-from kt_llamafile.qtypes import QTYPES
+from kt_llamafile.qtypes import QTYPES, row_bytes
 from kt_llamafile.random_blocks import random_weight
 
 SHAPES = {"gate_up": (2048, 7168), "down": (7168, 2048)}  # [rows N, row length K]
@@ -103,25 +107,70 @@ def gemv(qtype: str, shape: tuple[int, int], threads: int, total_bytes: int, rng
          probe: ReadProbe) -> dict:
     """Each pass cycles once through the copies, right after a pass of the read probe over the
     very same copies; the pass's fraction is its GB/s over that sample (paired: same bytes,
-    same pages, and drifting load on a shared host affects both alike)."""
+    same pages, and drifting load on a shared host affects both alike). The GEMV is called as
+    the probe is, straight through the C entry point (``ktl_matmul``, x and y allocated once);
+    ``gbs_python`` is the same pass through ``_lib.matmul`` (the torch wrapper, which adds its
+    own per-call cost: the figure of sessions 3-5)."""
     n, k = shape
     first = torch.from_numpy(random_weight(qtype, n, k, rng))
     copies = max(2, -(-total_bytes // first.numel()))
     mats = [first] + [first.clone() for _ in range(copies - 1)]
     x = torch.randn(1, k)
-    _lib.matmul(x, mats[0], qtype, n, threads)  # warm-up (pool start, allocations)
-    runs = []
+    y = torch.empty(1, n)
+    lib, handle, qid = _lib.kernels()[1], _lib.pool(threads), _lib.QTYPE_IDS[qtype]
+    calls = [(handle, qid, _lib.ptr(w), n, k, _lib.ptr(x, "float *"), 1, _lib.ptr(y, "float *")) for w in mats]
+    _lib.check(lib.ktl_matmul(*calls[0]), "matmul")  # warm-up (pool start, allocations)
+    runs, py = [], []
     for _ in range(passes):
         bw = probe.once(mats)
         t0 = time.perf_counter()
-        for w in mats:
-            _lib.matmul(x, w, qtype, n, threads)
+        for c in calls:
+            lib.ktl_matmul(*c)
         dt = (time.perf_counter() - t0) / copies
         runs.append((first.numel() / dt / 1e9, bw, dt))
+        t0 = time.perf_counter()
+        for w in mats:
+            _lib.matmul(x, w, qtype, n, threads)
+        py.append(first.numel() / ((time.perf_counter() - t0) / copies) / 1e9)
     best = max(runs)
     return {"gbs": best[0], "ms": best[2] * 1e3, "read_gbs_paired": best[1],
-            "fraction_paired": float(np.median([g / b for g, b, _ in runs])),
+            "fraction_paired": float(np.median([g / b for g, b, _ in runs])), "gbs_python": max(py),
             "bytes": first.numel(), "copies": copies}
+
+
+def compute_1t(qtype: str, shape: tuple[int, int], rng, seconds: float = 0.3) -> float:
+    """GB/s of one thread on a cache-resident part of ``shape`` (at most 1 MiB of rows): the
+    kernel's compute cost per byte, with no DRAM traffic."""
+    n, k = shape
+    rows = max(4, min(n, (1 << 20) // row_bytes(qtype, k)) // 4 * 4)
+    w = torch.from_numpy(random_weight(qtype, rows, k, rng))
+    x, y = torch.randn(1, k), torch.empty(1, rows)
+    lib = _lib.kernels()[1]
+    one = lib.ktl_pool_create(1, 0)  # a pool of the calling thread alone, whatever --pool says
+    args = (one, _lib.QTYPE_IDS[qtype], _lib.ptr(w), rows, k, _lib.ptr(x, "float *"), 1, _lib.ptr(y, "float *"))
+    best, reps = 0.0, max(10, int(2e8 / w.numel()))
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            lib.ktl_matmul(*args)
+        best = max(best, w.numel() * reps / (time.perf_counter() - t0) / 1e9)
+    lib.ktl_pool_destroy(one)
+    return best
+
+
+def pool_overhead_us(threads: int, reps: int = 2000) -> float:
+    """Median µs of a pool run with almost no work (the read probe over 4 KiB per item):
+    waking the workers, the item counter and the join."""
+    lib, handle = _lib.kernels()[1], _lib.pool(threads)
+    buf = torch.ones(4096 * 4 * threads, dtype=torch.uint8)
+    p, nb = _lib.ptr(buf), buf.numel()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        lib.ktl_read_sum(handle, p, nb)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e6
 
 
 def batched(qtype: str, tokens: int, threads: int, rng, passes: int) -> dict:
@@ -176,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
         gemv_results[qtype] = {name: gemv(qtype, shape, args.threads, total, rng, args.passes, probe)
                                for name, shape in SHAPES.items()}
     bw_after = probe.best()
+    overhead = pool_overhead_us(args.threads)
+    compute = {q: {name: compute_1t(q, shape, rng) for name, shape in SHAPES.items()} for q in types}
     ceiling = max(bw_before, bw_after)
     for per_shape in gemv_results.values():
         for r in per_shape.values():
@@ -193,20 +244,27 @@ def main(argv: list[str] | None = None) -> dict:
         "pool": pool_info,
         "read_bandwidth_gbs": {"before": bw_before, "after": bw_after, "ceiling": ceiling},
         "gemv_t1": gemv_results,
+        "pool_run_overhead_us": overhead,
+        "compute_1t_gbs": compute,
         "batched": batch_results,
         "method": {"gemv_shapes": SHAPES, "gemv_set_bytes": total, "batched_shape": BATCH_SHAPE,
+                   "gemv_call": "ktl_matmul through cffi (gbs_python: through _lib.matmul)",
                    "timing": f"best of {args.passes} passes, wall clock; fraction_paired: median of per-pass ratios"},
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     print(f"{cpu_name()}  isa={_lib.selected_isa()}  threads={args.threads}  "
           f"read bandwidth {bw_before:.1f} / {bw_after:.1f} GB/s (before / after)")
-    print(f"{'type':6s} {'gate_up GB/s':>13s} {'frac':>5s} {'pair':>5s} {'down GB/s':>10s} {'frac':>5s} {'pair':>5s} " +
+    print(f"pool run overhead {overhead:.1f} us")
+    print(f"{'type':6s} {'gate_up GB/s':>13s} {'frac':>5s} {'pair':>5s} {'py':>6s} {'1t':>5s} "
+          f"{'down GB/s':>10s} {'frac':>5s} {'pair':>5s} {'py':>6s} {'1t':>5s} " +
           " ".join(f"{'T=' + t + ' tok/s':>13s}" for t in args.tokens.split(",") if t))
     for q in types:
         g, d = gemv_results[q]["gate_up"], gemv_results[q]["down"]
         toks = " ".join(f"{r['tokens_per_s']:13.0f}" for r in batch_results[q].values())
-        print(f"{q:6s} {g['gbs']:13.1f} {g['fraction']:5.2f} {g['fraction_paired']:5.2f} "
-              f"{d['gbs']:10.1f} {d['fraction']:5.2f} {d['fraction_paired']:5.2f} {toks}")
+        c = compute[q]
+        print(f"{q:6s} {g['gbs']:13.1f} {g['fraction']:5.2f} {g['fraction_paired']:5.2f} {g['gbs_python']:6.1f} "
+              f"{c['gate_up']:5.1f} {d['gbs']:10.1f} {d['fraction']:5.2f} {d['fraction_paired']:5.2f} "
+              f"{d['gbs_python']:6.1f} {c['down']:5.1f} {toks}")
     out = args.out or Path(__file__).resolve().parent / "results" / f"{cpu_tag()}-{args.threads}t.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

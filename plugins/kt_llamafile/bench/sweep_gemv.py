@@ -30,27 +30,32 @@ logger = logging.getLogger("kt_llamafile.bench")
 VARIANTS = {
     "default": "",
     "no_prefetch": "-DKTL_PREFETCH=0",
-    "pf512_nta": "-DKTL_PREFETCH=512",
-    "pf1024_nta": "-DKTL_PREFETCH=1024",
-    "pf2048_nta": "-DKTL_PREFETCH=2048",
+    "pf2048_t1": "-DKTL_PREFETCH=2048",
+    "pf4096_t1": "-DKTL_PREFETCH=4096",
+    "pf16384_t1": "-DKTL_PREFETCH=16384",
     "pf1024_t0": "-DKTL_PREFETCH=1024 -DKTL_PREFETCH_HINT=_MM_HINT_T0",
     "pf4096_t0": "-DKTL_PREFETCH=4096 -DKTL_PREFETCH_HINT=_MM_HINT_T0",
+    "pf_block": "-DKTL_PREFETCH_LINES=0",
     "rm4": "-DKTL_GEMV_RM=4",
+    "items2": "-DKTL_GEMV_ITEMS=2",
+    "items8": "-DKTL_GEMV_ITEMS=8",
+    "items16": "-DKTL_GEMV_ITEMS=16",
 }
 
 
-def build_variant(flags: str, into: Path) -> Path:
-    from kt_llamafile._build import build_into
+def start_build(flags: str, into: Path) -> subprocess.Popen:
+    """Builds the extension with ``flags`` into ``into`` in a child process (the builds of all
+    variants run side by side); its stdout's last line is the .so path."""
+    env = dict(os.environ, KT_LLAMAFILE_CFLAGS=flags)
+    code = f"from kt_llamafile._build import build_into; print(build_into({str(into)!r}))"
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
 
-    before = os.environ.get("KT_LLAMAFILE_CFLAGS")
-    os.environ["KT_LLAMAFILE_CFLAGS"] = flags
-    try:
-        return build_into(into)
-    finally:
-        if before is None:
-            os.environ.pop("KT_LLAMAFILE_CFLAGS", None)
-        else:
-            os.environ["KT_LLAMAFILE_CFLAGS"] = before
+
+def finish_build(proc: subprocess.Popen) -> Path:
+    out, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise subprocess.CalledProcessError(proc.returncode, proc.args)
+    return Path(out.strip().splitlines()[-1])
 
 
 def run_variant(so: Path, args, out: Path) -> dict:
@@ -77,10 +82,12 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, dict] = {}
     host = None
     with tempfile.TemporaryDirectory(prefix="ktl-sweep-") as tmp:
+        logger.info("building %d variants", len(names))
+        builds = {name: start_build(VARIANTS[name], Path(tmp) / name) for name in names}
+        built = {name: finish_build(proc) for name, proc in builds.items()}
         for name in names:
-            logger.info("variant %s: building with %r", name, VARIANTS[name])
-            so = build_variant(VARIANTS[name], Path(tmp) / name)
-            r = run_variant(so, args, Path(tmp) / f"{name}.json")
+            logger.info("variant %s (%r)", name, VARIANTS[name])
+            r = run_variant(built[name], args, Path(tmp) / f"{name}.json")
             host = host or r["host"]
             results[name] = {"cflags": VARIANTS[name], "read_bandwidth_gbs": r["read_bandwidth_gbs"],
                              "gemv_t1": r["gemv_t1"]}

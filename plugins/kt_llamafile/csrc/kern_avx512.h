@@ -29,20 +29,32 @@
 #define KRN 8
 #endif
 
-/* Software prefetch this many bytes ahead in each weight row (0: leave it to the hardware).
- * 4 KiB into L1 measured best on the 16-core Xeon GPU host (bench/sweep_gemv.py, 14 threads:
- * Q8_0 GEMV 0.48 -> 0.64 of read bandwidth, paired 0.55 -> 0.80; Q4_K about even), where the
- * hardware prefetchers stop at 4 KiB pages. */
+/* Software prefetch this many bytes ahead in each weight row (0: leave it to the hardware),
+ * into L2 (hint T1). On the 16-core Xeon GPU host (bench/sweep_gemv.py, 14 threads, session 6;
+ * GB/s gate_up/down, Q4_K then Q8_0): none 64.7/66.2 75.7/71.4; 4 KiB into L1 (sessions 3-5)
+ * 88.7/90.9 86.7/99.2; 4 KiB into L2 88.7/88.1 95.2/101.1; 8 KiB into L2 91.1/89.7
+ * 100.5/99.4 (the host is noisy: about +-10% between runs). PREFETCH_SPAN(p, n) prefetches
+ * the data n bytes long at p that far ahead, one prefetch per 64 bytes: a block longer than a
+ * cache line (Q4_K 144 bytes, Q6_K 210) needs 3-4 to reach every line of the stream, where one
+ * per block covered about half of Q4_K's lines and a third of Q6_K's (Q4_K with one per block,
+ * KTL_PREFETCH_LINES=0: 83.0/86.0 GB/s, paired fraction 0.78/0.80 against 0.86/0.89). */
 #ifndef KTL_PREFETCH
-#define KTL_PREFETCH 4096
+#define KTL_PREFETCH 8192
 #endif
 #ifndef KTL_PREFETCH_HINT
-#define KTL_PREFETCH_HINT _MM_HINT_T0
+#define KTL_PREFETCH_HINT _MM_HINT_T1
+#endif
+#ifndef KTL_PREFETCH_LINES
+#define KTL_PREFETCH_LINES 1
 #endif
 #if KTL_PREFETCH > 0
-#define PREFETCH_AHEAD(p) _mm_prefetch((const char *)(p) + KTL_PREFETCH, KTL_PREFETCH_HINT)
+#define PREFETCH_SPAN(p, n)                                                                        \
+    do {                                                                                           \
+        for (int o_ = 0; o_ < (KTL_PREFETCH_LINES ? (n) : 1); o_ += 64)                            \
+            _mm_prefetch((const char *)(p) + KTL_PREFETCH + o_, KTL_PREFETCH_HINT);                \
+    } while (0)
 #else
-#define PREFETCH_AHEAD(p) ((void)0)
+#define PREFETCH_SPAN(p, n) ((void)0)
 #endif
 
 KTL_INLINE float h2f(const uint8_t *p) { return _cvtsh_ss(ktl_ld16(p)); }
@@ -51,21 +63,41 @@ KTL_INLINE __m512i idx_const(const int16_t *v) { return _mm512_loadu_si512((cons
 
 /* ---------------------------------------------------------------- activation quantisation */
 
+/* the sums of 4 zmm of int32 -> one xmm [sum a0, sum a1, sum a2, sum a3] (one transposing
+ * reduction instead of 4 horizontal ones) */
+KTL_INLINE __m128i reduce4_epi32(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
+    __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1)); /* a0 a1 a0 a1 */
+    __m512i s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+    __m512i s = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
+    __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
+    return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
 /* Same results as the scalar version: max(a, m) keeps m when a is NaN, min/max with the
- * constant first keep NaN, which is then replaced by 0; cvtps2dq rounds to nearest even. */
+ * constant first keep NaN, which is then replaced by 0; cvtps2dq rounds to nearest even.
+ * n is 32 or a multiple of 64; the 16-sums are reduced four at a time. */
+KTL_INLINE __m512i quant16(const float *x, __m512 id, int8_t *q) {
+    __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x), id);
+    v = _mm512_max_ps(_mm512_set1_ps(-127.0f), _mm512_min_ps(_mm512_set1_ps(127.0f), v));
+    v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);
+    __m512i iv = _mm512_cvtps_epi32(v);
+    _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(iv));
+    return iv;
+}
+
 KTL_INLINE void quant_block(const float *x, int n, int8_t *q, float *d_out, int32_t *sum16) {
     __m512 amax = _mm512_setzero_ps();
     for (int i = 0; i < n; i += 16) amax = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i)), amax);
     float am = _mm512_reduce_max_ps(amax);
-    float idf = am > 0.0f ? 127.0f / am : 0.0f;
-    __m512 id = _mm512_set1_ps(idf), hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
-    for (int i = 0; i < n; i += 16) {
-        __m512 v = _mm512_mul_ps(_mm512_loadu_ps(x + i), id);
-        v = _mm512_max_ps(lo, _mm512_min_ps(hi, v));
-        v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);
-        __m512i iv = _mm512_cvtps_epi32(v);
-        _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtepi32_epi8(iv));
-        sum16[i / 16] = _mm512_reduce_add_epi32(iv);
+    __m512 id = _mm512_set1_ps(am > 0.0f ? 127.0f / am : 0.0f);
+    if (n == 32) {
+        __m512i z = _mm512_setzero_si512(), a0 = quant16(x, id, q), a1 = quant16(x + 16, id, q + 16);
+        _mm_storel_epi64((__m128i *)sum16, reduce4_epi32(a0, a1, z, z));
+    }
+    for (int i = 0; n >= 64 && i < n; i += 64) {
+        __m512i a0 = quant16(x + i, id, q + i), a1 = quant16(x + i + 16, id, q + i + 16);
+        __m512i a2 = quant16(x + i + 32, id, q + i + 32), a3 = quant16(x + i + 48, id, q + i + 48);
+        _mm_storeu_si128((__m128i *)(sum16 + i / 16), reduce4_epi32(a0, a1, a2, a3));
     }
     *d_out = am / 127.0f;
 }
@@ -102,7 +134,7 @@ KTL_INLINE __m512 load_bf16(const uint8_t *p, __mmask16 m, int full) {
                                       const uint8_t *const *x, int rm, int rn, int64_t e,          \
                                       __mmask16 m, int full, __m512 acc[RM][RN]) {                 \
         __m512 wv[RM];                                                                             \
-        for (int i = 0; i < rm; i++) PREFETCH_AHEAD(w + i * a->row_bytes + e * (ESZ));             \
+        for (int i = 0; i < rm; i++) PREFETCH_SPAN(w + i * a->row_bytes + e * (ESZ), 16 * (ESZ));             \
         for (int i = 0; i < rm; i++) wv[i] = load_##name(w + i * a->row_bytes + e * (ESZ), m, full); \
         for (int j = 0; j < rn; j++) {                                                             \
             __m512 xv = load_f32(x[j] + e * 4, m, full);                                           \
@@ -250,7 +282,7 @@ KTL_INLINE void token_pair(const ktl_gemm_args *a, const uint8_t *x, int64_t p, 
                                 int rm, int rn, int64_t p, int two, __m512 acc[RM][RN]) {          \
         for (int i = 0; i < rm; i++) {                                                             \
             pdec dw;                                                                               \
-            PREFETCH_AHEAD(w + i * a->row_bytes + 2 * p * (BS));                                   \
+            PREFETCH_SPAN(w + i * a->row_bytes + 2 * p * (BS), (1 + two) * (BS));                                   \
             pdec_##name(w + i * a->row_bytes + 2 * p * (BS), two, &dw);                            \
             for (int j = 0; j < rn; j++) {                                                         \
                 __m512 dxv;                                                                        \
@@ -335,13 +367,17 @@ KTL_INLINE void group16_scales(__m256i s16, kdec *o) {
 
 /* Q4_K/Q5_K block head (d, dmin, 12 bytes of 6-bit scales and mins) -> 16 bytes sc0..7 m0..7,
  * in SIMD registers (the same bit moves as ktl_k4_scales) */
+KTL_INLINE __m512i k4_scales_x4(__m512i head) { /* four heads, one per 128-bit lane */
+    __m512i a = _mm512_shuffle_epi32(head, _MM_SHUFFLE(2, 1, 2, 1)); /* s0-3 s4-7 s0-3 s4-7 */
+    __m512i c = _mm512_shuffle_epi32(head, _MM_SHUFFLE(3, 3, 3, 3)); /* s8-11 x4 */
+    __m512i lo = _mm512_and_si512(a, _mm512_set1_epi8(0x3f));
+    __m512i hi = _mm512_and_si512(_mm512_srlv_epi32(c, _mm512_setr4_epi32(0, 4, 0, 4)), _mm512_set1_epi8(0x0f));
+    hi = _mm512_or_si512(hi, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(a, 6), _mm512_set1_epi8(3)), 4));
+    return _mm512_unpacklo_epi32(lo, hi); /* sc0-3 sc4-7 m0-3 m4-7 */
+}
+
 KTL_INLINE __m128i k4_scales_simd(__m128i head) {
-    __m128i a = _mm_shuffle_epi32(head, _MM_SHUFFLE(2, 1, 2, 1)); /* s0-3 s4-7 s0-3 s4-7 */
-    __m128i c = _mm_shuffle_epi32(head, _MM_SHUFFLE(3, 3, 3, 3)); /* s8-11 x4 */
-    __m128i lo = _mm_and_si128(a, _mm_set1_epi8(0x3f));
-    __m128i hi = _mm_and_si128(_mm_srlv_epi32(c, _mm_setr_epi32(0, 4, 0, 4)), _mm_set1_epi8(0x0f));
-    hi = _mm_or_si128(hi, _mm_slli_epi32(_mm_and_si128(_mm_srli_epi32(a, 6), _mm_set1_epi8(3)), 4));
-    return _mm_unpacklo_epi32(lo, hi); /* sc0-3 sc4-7 m0-3 m4-7 */
+    return _mm512_castsi512_si128(k4_scales_x4(_mm512_castsi128_si512(head)));
 }
 
 /* vpshufb controls: int16 lanes of sc[c], zero-extended: zmm c holds the 32-groups
@@ -478,7 +514,7 @@ KTL_INLINE __m512 kdot(const kdec *w, const int8_t *xq, const int16_t *bs, float
                                   int rm, int rn, int64_t b, __m512 acc[KRM][KRN]) {               \
         for (int i = 0; i < rm; i++) {                                                             \
             kdec dw;                                                                               \
-            PREFETCH_AHEAD(w + i * a->row_bytes + b * (BS));                                       \
+            PREFETCH_SPAN(w + i * a->row_bytes + b * (BS), BS);                                       \
             kdec_##name(w + i * a->row_bytes + b * (BS), &dw);                                     \
             for (int j = 0; j < rn; j++) {                                                         \
                 const float dx = ((const float *)(x[j] + a->lay.d_off))[b];                        \
@@ -528,9 +564,9 @@ DEFINE_TILEK(q6_k, 210, 0)
 typedef struct {
     __m512i q[4];  /* 256 unsigned codes, in the order of the activations */
     __m512i sc[2]; /* int16 scales of pack(D0, D1) and pack(D2, D3) */
-    __m256i corr;  /* int16 per 16 codes: offset*scale, or the min */
-    float d, dmin;
-} kdec1;
+    __m256i corr;  /* int16 per 16 codes: offset 32 * scale */
+    float d;
+} kdec1; /* a decoded Q6_K block (row1_q6_k) */
 
 /* Q4_K (Q8_KP order): D0 holds groups 0 (lanes 0-7) and 2, D1 groups 1 and 3, D2 4 and 6, D3 5
  * and 7: lanes 0-1 of pack(D0, D1) want sc0 x4 sc1 x4, lanes 2-3 sc2 x4 sc3 x4 (zero-extended
@@ -543,11 +579,65 @@ static const int8_t K4_SC1_CTRL[2][64] = {
 #undef Z4
 };
 
-KTL_INLINE void kdec1_q4_k(const uint8_t *b, kdec1 *o) {
-    k4_nibbles(b + Q4_K_QS, o->q);
-    __m512i r = k4_head(b, &o->corr, &o->d, &o->dmin);
-    for (int c = 0; c < 2; c++) o->sc[c] = _mm512_shuffle_epi8(r, _mm512_loadu_si512((const void *)K4_SC1_CTRL[c]));
+/* Q4_K heads of a row part, one token: the scales and mins of n <= K4_PART blocks (16 bytes
+ * each, k4_scales_simd's order) decoded four blocks per zmm, and d * dx, dmin * dx per block as
+ * vectors, so that the block loop (row1_q4_k) does the codes only: about 10 of the 50
+ * instructions a block took were the head's 6-bit unpacking and scalar scale products. */
+#define K4_PART 16
+KTL_INLINE void k4_heads(const uint8_t *w, const float *dx, int n, uint8_t sc[K4_PART][16], float dd[K4_PART][2]) {
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        const uint8_t *b = w + 144 * i;
+        __m512i h = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)b));
+        h = _mm512_inserti32x4(h, _mm_loadu_si128((const __m128i *)(b + 144)), 1);
+        h = _mm512_inserti32x4(h, _mm_loadu_si128((const __m128i *)(b + 288)), 2);
+        h = _mm512_inserti32x4(h, _mm_loadu_si128((const __m128i *)(b + 432)), 3);
+        _mm512_store_si512((void *)sc[i], k4_scales_x4(h));
+        __m128i halves = _mm512_castsi512_si128(_mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0,
+                                                                                          0, 0, 0, 0, 0, 0), h));
+        __m256 dx2 = _mm256_permutexvar_ps(_mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), _mm256_castps128_ps256(_mm_loadu_ps(dx + i)));
+        _mm256_store_ps(dd[i], _mm256_mul_ps(_mm256_cvtph_ps(halves), dx2)); /* d0 dmin0 d1 dmin1 ... */
+    }
+    for (; i < n; i++) {
+        __m128i head = _mm_loadu_si128((const __m128i *)(w + 144 * i));
+        _mm_store_si128((__m128i *)sc[i], k4_scales_simd(head));
+        _mm_storel_pi((__m64 *)dd[i], _mm_mul_ps(_mm_cvtph_ps(head), _mm_set1_ps(dx[i])));
+    }
 }
+
+KTL_INLINE __m512 row1_q4_k(const ktl_gemm_args *a, const uint8_t *w, const uint8_t *x) {
+    const float *dx = (const float *)(x + a->lay.d_off);
+    const int16_t *bs = (const int16_t *)(x + a->lay.s_off);
+    const __m512i ctrl0 = _mm512_loadu_si512((const void *)K4_SC1_CTRL[0]);
+    const __m512i ctrl1 = _mm512_loadu_si512((const void *)K4_SC1_CTRL[1]);
+    const __m256i min_ctrl = _mm256_loadu_si256((const __m256i *)K4_MIN_CTRL);
+    __m512 acc = _mm512_setzero_ps();
+    __m256 accm = _mm256_setzero_ps();
+    int64_t nb = a->k / KTL_QKK;
+    for (int64_t b0 = 0; b0 < nb; b0 += K4_PART) {
+        int n = nb - b0 < K4_PART ? (int)(nb - b0) : K4_PART;
+        _Alignas(64) uint8_t sc[K4_PART][16];
+        _Alignas(32) float dd[K4_PART][2];
+        k4_heads(w + 144 * b0, dx + b0, n, sc, dd);
+        for (int i = 0; i < n; i++) {
+            int64_t b = b0 + i;
+            const int8_t *xq = (const int8_t *)x + KTL_QKK * b;
+            PREFETCH_SPAN(w + 144 * b, 144);
+            __m512i q[4], d[4], z = _mm512_setzero_si512();
+            k4_nibbles(w + 144 * b + Q4_K_QS, q);
+            for (int c = 0; c < 4; c++) d[c] = _mm512_dpbusd_epi32(z, q[c], _mm512_loadu_si512((const void *)(xq + 64 * c)));
+            __m512i r = _mm512_broadcast_i32x4(_mm_load_si128((const __m128i *)sc[i]));
+            __m512i isum = _mm512_dpwssd_epi32(z, _mm512_packs_epi32(d[0], d[1]), _mm512_shuffle_epi8(r, ctrl0));
+            isum = _mm512_dpwssd_epi32(isum, _mm512_packs_epi32(d[2], d[3]), _mm512_shuffle_epi8(r, ctrl1));
+            __m256i corr = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(bs + 16 * b)),
+                                             _mm256_shuffle_epi8(_mm512_castsi512_si256(r), min_ctrl));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(dd[i][0]), acc);
+            accm = _mm256_fmadd_ps(_mm256_cvtepi32_ps(corr), _mm256_set1_ps(dd[i][1]), accm);
+        }
+    }
+    return _mm512_sub_ps(acc, _mm512_zextps256_ps512(accm));
+}
+DEFINE_GEMV_ROWS(q4_k)
 
 /* Q6_K (natural order, zmm c = values 64c..64c+63): lane L of pack(D0, D1) holds 16-groups L
  * and 4 + L, of pack(D2, D3) 8 + L and 12 + L. The int8 scales go to the high byte of each
@@ -568,40 +658,29 @@ KTL_INLINE void kdec1_q6_k(const uint8_t *b, kdec1 *o) {
         o->sc[c] = _mm512_srai_epi16(_mm512_shuffle_epi8(r, _mm512_loadu_si512((const void *)K6_SC1_CTRL[c])), 8);
     o->corr = _mm256_slli_epi16(_mm256_cvtepi8_epi16(s8), 5);
     o->d = h2f(b + Q6_K_D);
-    o->dmin = 0.0f;
 }
 
-/* acc += this block's scaled sum (16 lanes; with mins, accm += the min term, 8 lanes) */
-KTL_INLINE void kdot1(const kdec1 *w, const int8_t *xq, const int16_t *bs, float dx, int has_min, __m512 *acc,
-                      __m256 *accm) {
-    __m512i z = _mm512_setzero_si512(), d[4];
-    for (int c = 0; c < 4; c++) d[c] = _mm512_dpbusd_epi32(z, w->q[c], _mm512_loadu_si512((const void *)(xq + 64 * c)));
-    __m512i isum = _mm512_dpwssd_epi32(z, _mm512_packs_epi32(d[0], d[1]), w->sc[0]);
-    isum = _mm512_dpwssd_epi32(isum, _mm512_packs_epi32(d[2], d[3]), w->sc[1]);
-    __m256i corr = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)bs), w->corr);
-    if (!has_min) isum = _mm512_sub_epi32(isum, _mm512_zextsi256_si512(corr));
-    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(w->d * dx), *acc);
-    if (has_min) *accm = _mm256_fmadd_ps(_mm256_cvtepi32_ps(corr), _mm256_set1_ps(w->dmin * dx), *accm);
+/* Q6_K row, one token: the row's lane sums */
+KTL_INLINE __m512 row1_q6_k(const ktl_gemm_args *a, const uint8_t *w, const uint8_t *x) {
+    const float *dx = (const float *)(x + a->lay.d_off);
+    const int16_t *bs = (const int16_t *)(x + a->lay.s_off);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < a->k / KTL_QKK; b++) {
+        kdec1 dw;
+        const int8_t *xq = (const int8_t *)x + KTL_QKK * b;
+        PREFETCH_SPAN(w + 210 * b, 210);
+        kdec1_q6_k(w + 210 * b, &dw);
+        __m512i z = _mm512_setzero_si512(), d[4];
+        for (int c = 0; c < 4; c++) d[c] = _mm512_dpbusd_epi32(z, dw.q[c], _mm512_loadu_si512((const void *)(xq + 64 * c)));
+        __m512i isum = _mm512_dpwssd_epi32(z, _mm512_packs_epi32(d[0], d[1]), dw.sc[0]);
+        isum = _mm512_dpwssd_epi32(isum, _mm512_packs_epi32(d[2], d[3]), dw.sc[1]);
+        __m256i corr = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(bs + 16 * b)), dw.corr);
+        isum = _mm512_sub_epi32(isum, _mm512_zextsi256_si512(corr)); /* the offset 32 */
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(dw.d * dx[b]), acc);
+    }
+    return acc;
 }
-
-#define DEFINE_GEMV_K(name, BS, HAS_MIN)                                                          \
-    KTL_INLINE __m512 row1_##name(const ktl_gemm_args *a, const uint8_t *w, const uint8_t *x) {   \
-        const float *dx = (const float *)(x + a->lay.d_off);                                       \
-        const int16_t *bs = (const int16_t *)(x + a->lay.s_off);                                   \
-        __m512 acc = _mm512_setzero_ps();                                                          \
-        __m256 accm = _mm256_setzero_ps();                                                         \
-        for (int64_t b = 0; b < a->k / KTL_QKK; b++) {                                             \
-            kdec1 dw;                                                                              \
-            PREFETCH_AHEAD(w + b * (BS));                                                          \
-            kdec1_##name(w + b * (BS), &dw);                                                       \
-            kdot1(&dw, (const int8_t *)x + KTL_QKK * b, bs + 16 * b, dx[b], HAS_MIN, &acc, &accm); \
-        }                                                                                          \
-        return HAS_MIN ? _mm512_sub_ps(acc, _mm512_zextps256_ps512(accm)) : acc;                   \
-    }                                                                                              \
-    DEFINE_GEMV_ROWS(name)
-
-DEFINE_GEMV_K(q4_k, 144, 1)
-DEFINE_GEMV_K(q6_k, 210, 0)
+DEFINE_GEMV_ROWS(q6_k)
 
 DEFINE_GEMM(f32, RM, RN)
 DEFINE_GEMM(f16, RM, RN)

@@ -60,6 +60,13 @@ int ktl_quantize_act(int kind, const float *x, int64_t k, int8_t *q, float *d, v
 
 /* ------------------------------------------------------------------ matmul */
 
+/* Row ranges per thread: one token (the items are equal, and small items even out the
+ * threads' finishing times) and several (whole 4-row tiles). Tuning: -DKTL_GEMV_ITEMS=8. */
+#ifndef KTL_GEMV_ITEMS
+#define KTL_GEMV_ITEMS 4
+#endif
+#define KTL_GEMM_ITEMS 4
+
 typedef struct {
     ktl_gemm_fn fn;
     ktl_gemm_args args;
@@ -100,7 +107,8 @@ int ktl_matmul(ktl_pool *pool, int qtype, const uint8_t *w, int64_t n, int64_t k
     g.args.ntok = t;
     g.args.out = y;
     g.args.out_stride = n;
-    g.split = split_rows(n, ktl_pool_threads(pool), 4, t == 1 ? 1 : 4);
+    g.split = t == 1 ? split_rows(n, ktl_pool_threads(pool), KTL_GEMV_ITEMS, 1)
+                     : split_rows(n, ktl_pool_threads(pool), KTL_GEMM_ITEMS, 4);
     ktl_pool_run(pool, gemm_task, &g, g.split.items);
     free(act);
     return 0;
