@@ -1,12 +1,12 @@
 """Tile sweep of the int4 weight-only matmul (group 128) on DeepSeek-V3 and Qwen3 projection
-shapes, on the GPU host, in one command (about 2 minutes):
+shapes, on the GPU host, in one command (about 1-2 minutes):
 
     python plugins/kt_marlin/bench/sweep_gemv.py --out $OUT/gemv_sweep.json
 
-For each shape class of ``wq_matmul.shape_class`` (N and K buckets) and each T (default 1:
-the kernel pads 1-16 tokens to one 16-column dot, so T=1 stands for the bucket), stage 1 times
-tile candidates (BLOCK_N, BLOCK_K, warps; the current table entry as ``table``) on every
-benchmark shape of the class; stage 2 varies split-K (``WAVES``: programs per SM asked of the
+For each shape class of ``wq_matmul.shape_class`` (N and K buckets) and each token bucket of
+``wq_matmul.t_bucket`` (default T 1 and 16, both in the bucket "16": the kernel pads 1-16
+tokens to one 16-column dot), stage 1 times tile candidates (BLOCK_N, BLOCK_K, warps; the
+current table entry too) on every benchmark shape of the class and T of the bucket; stage 2 varies split-K (``WAVES``: programs per SM asked of the
 split), stage 3 ``num_stages`` of the best. Every result is checked against torch (fp64 on
 the dequantised weight) before it is timed; a wrong candidate is reported and never chosen.
 Timings replay a CUDA graph of one call per distinct copy of the weights (>= 512 MB
@@ -58,10 +58,10 @@ def E(bn, bk, warps=4, waves=2, stages=3, bt=16):
 
 
 #: stage-1 tile candidates (WAVES 2, three stages); "table" is added
-TILES = [E(64, 256), E(64, 512), E(128, 256), E(128, 512), E(128, 256, 8), E(128, 512, 8),
-         E(256, 256, 8), E(256, 128, 8), E(64, 1024)]
-WAVES = (0, 1, 2, 4, 8)
-STAGES = (2, 3, 4, 5)
+TILES = [E(64, 256), E(64, 128, stages=4), E(64, 256, stages=2), E(32, 256), E(32, 128, stages=4),
+         E(32, 256, 2), E(32, 128, 2, stages=4), E(16, 256, 1), E(128, 256, 8), E(64, 512)]
+WAVES = (0, 1, 2, 4, 8, 16)
+STAGES = (2, 3, 4, 5, 6)
 
 
 def key(e: dict) -> str:
@@ -121,7 +121,7 @@ def best_entry(cases: list[Case], entries: list[dict]) -> dict | None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gemv_sweep.json"))
-    parser.add_argument("--tokens", default="1")
+    parser.add_argument("--tokens", default="1,16")
     parser.add_argument("--budget", type=float, default=120.0, help="seconds; stages 2-3 and later classes are cut past it")
     args = parser.parse_args()
     began = time.time()
@@ -154,10 +154,12 @@ def main() -> None:
             copies, nbytes = int4_copies(n, k)
             bf16 = {t: v * 1e6 for t, v in bench_bf16(n, k, tokens).items()}
             data.append((model, proj, n, k, copies, nbytes, bf16))
+        buckets: dict[str, list[int]] = {}
         for t in tokens:
+            buckets.setdefault(W.t_bucket(t), []).append(t)
+        for bucket, ts in buckets.items():  # one table entry per bucket, scored over all its T
             cases = [Case(model, proj, n, k, t, copies, nbytes, bf16[t])
-                     for model, proj, n, k, copies, nbytes, bf16 in data]
-            bucket = W.t_bucket(t)
+                     for model, proj, n, k, copies, nbytes, bf16 in data for t in ts]
             current = dict(W.GEMV_TABLE[f"{cls}|{bucket}"])
             stage1 = [current] + [e for e in TILES if key(e) != key(current)]
             for c in cases:
@@ -187,10 +189,10 @@ def main() -> None:
                     cfg = r["config"]
                     desc = (f"T{cfg['BLOCK_T']} N{cfg['BLOCK_N']} K{cfg['BLOCK_K']} split{cfg['SPLIT_K']} "
                             f"warps{cfg['num_warps']} st{cfg['num_stages']}")
-                    print(f"| {c.name} | {t} | {desc} | {r['us']:.1f} | {gbps:.0f} | {row['of_copy']:.2f} | "
+                    print(f"| {c.name} | {c.t} | {desc} | {r['us']:.1f} | {gbps:.0f} | {row['of_copy']:.2f} | "
                           f"{row['vs_bf16']:.2f}x | {row['table_us'] or float('nan'):.1f} |", flush=True)
                 for b in bad:
-                    print(f"|   {c.name} T={t} FAILED {b} |", flush=True)
+                    print(f"|   {c.name} T={c.t} FAILED {b} |", flush=True)
                 rows.append(row)
             result["rows"], result["table"] = rows, table
             save()

@@ -129,9 +129,9 @@ def _entry(bt, bn, bk, waves, warps, stages) -> dict:
 
 #: Built-in guesses, the same for every shape class (the split-K rule adapts them to N).
 _BY_T = {
-    "16": _entry(16, 128, 256, 2, 4, 3),
-    "64": _entry(64, 128, 256, 1, 8, 3),
-    "prefill": _entry(64, 128, 256, 0, 8, 3),
+    "16": _entry(16, 64, 256, 2, 4, 3),
+    "64": _entry(64, 64, 256, 1, 4, 3),
+    "prefill": _entry(64, 64, 256, 0, 4, 3),
 }
 DEFAULT_TABLE = {f"{nc},{kc}|{tb}": dict(e) for _, nc in N_CLASSES for _, kc in K_CLASSES for tb, e in _BY_T.items()}
 TABLE_FILE = os.path.join(os.path.dirname(__file__), "gemv_table.json")
