@@ -1,24 +1,24 @@
 """The int4 weight-only matmul kernel: ``y[T, N] = x[T, K] @ (s q + o)[N, K].T (+ b)``.
 
-Weights in the ``pairs`` layout of ``kt_marlin.packing``: uint8 ``[N, K/2]``, group ``g`` of a
-row is ``G/2`` bytes whose byte ``c`` holds column ``gG + c`` (low nibble) and ``gG + G/2 + c``
-(high nibble); scales/offsets ``[N, K/G]``.
+Weights in the ``mma`` layout of ``kt_marlin.packing``: int16 ``[N, K/4]`` in units of ``U =
+max(G, 64)`` columns, element ``c`` of a unit holding columns ``c + j U/4`` of the unit in
+nibble ``j``; scales/offsets ``[N, K/G]``.
 
 Computed as ``y.T = W x.T`` so that the weights are the register operand of ``tl.dot``
-(M = ``BLOCK_N`` rows, N = ``BLOCK_T`` tokens padded to 16, K = ``G/2``): the multiply-adds
-run on the tensor cores and only the unpacking runs on the ALUs. Per group:
+(M = ``BLOCK_N`` rows, N = ``BLOCK_T`` tokens padded to 16, K = ``U/4``): the multiply-adds
+run on the tensor cores and only the unpacking runs on the ALUs. Per unit:
 
-- one load of ``[BLOCK_N, G/2]`` bytes (rows are contiguous runs of ``G/2`` bytes: 16-byte
-  vectors, coalesced);
-- the unpack: nibbles become the 16-bit floats ``MAGIC + q`` (``MAGIC`` = 128 for bf16,
-  1024 for fp16, exact) by OR-ing them into the low mantissa bits of ``MAGIC``. On the GPU
-  that is ``tl.inline_asm_elementwise`` on four bytes at a time (``ASM``): two PRMTs spread
-  the bytes into the 16-bit halves of two registers, and one LOP3 per register (plus a shift
-  for the high nibbles) gives two weights, about one instruction per weight. Triton's
-  interpreter cannot run inline assembly, so it (and ``ASM=False``) takes the same values
-  from integer ops;
-- two dots, the low and the high half of the group against the matching halves of x,
-  summed in fp32 (``acc_g[n, t] = sum_k (MAGIC + q) x``, exact products);
+- one load of ``[BLOCK_N, U/4]`` int16 (rows are contiguous runs of ``U/2`` bytes: 16-byte
+  vectors, coalesced; Triton pipelines it with cp.async for ``num_stages`` > 1);
+- the unpack: nibble ``j`` becomes the 16-bit float ``MAGIC + q`` (``MAGIC`` = 128 for bf16,
+  1024 for fp16, exact) by OR-ing it into the low mantissa bits of ``MAGIC``. On the GPU that
+  is ``tl.inline_asm_elementwise`` on two int16 (one 32-bit register) at a time (``ASM``):
+  a shift and one LOP3 per nibble give two weights in the two halves of a register, which
+  is the dot operand's register format. Triton's interpreter cannot run inline assembly, so
+  it (and ``ASM=False``) takes the same values from integer ops;
+- four dots, nibble plane ``j`` against the x columns ``[j U/4, (j+1) U/4)`` of the unit,
+  summed in fp32 (``acc_g[n, t] = sum_k (MAGIC + q) x``, exact products); for groups of 32
+  (``U`` = 64) planes 0-1 are one group and planes 2-3 the next;
 - the affine part on the ``[BLOCK_N, BLOCK_T]`` accumulator: ``y += s acc_g + (o - MAGIC s)
   sum_k x``, with ``sum_k x`` per token and group from the x tile.
 
