@@ -1,29 +1,36 @@
-"""Benchmarks of kt-marlin's linear and dequantisation kernels, as fractions of the HBM
-bandwidth measured in the same run.
+"""Benchmarks of kt-marlin's int4 linear (and, with ``--dequant``, the GGUF dequantisation
+kernels) as fractions of the HBM bandwidth measured in the same run.
 
 - ceiling: a large device-to-device copy (bytes read + written per second);
-- int4 GEMV at 1 token on DeepSeek-V3 and Qwen3 projection shapes: packed weight bytes
-  (int4 words + fp16 scales/offsets) per second over the ceiling;
-- int4 vs torch bf16 ``F.linear`` at 1..16 tokens: time ratio;
+- int4 (group 128, ``mma`` layout) on DeepSeek-V3 and Qwen3 projection shapes at T = 1, 2,
+  4, 8, 16: µs, packed weight bytes (int16 elements + fp16 scales/offsets) per second, their
+  fraction of the copy ceiling, and the speed-up over torch bf16 ``F.linear`` on the same
+  shape and T;
 - GGUF dequantisation to bf16: (GGUF bytes read + bf16 bytes written) per second over the
   ceiling.
 
 Every timing replays a CUDA graph holding one call per copy of the weights, with enough
 copies to exceed the L2 cache several times, so launch overhead is out and the weights come
-from HBM. Usage: ``python bench_linear.py --out results.json [--budget SECONDS]``.
+from HBM. Prints a Markdown table as it goes; writes JSON (``--out``) and Markdown (``--md``,
+rendered by ``report.py``). Usage: ``python bench_linear.py --out r.json --md r.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from kt_marlin.dequant import QTYPES, dequantize
-from kt_marlin.wq_matmul import choose_config, launch
+sys.path.insert(0, os.path.dirname(__file__))
+from report import render  # noqa: E402
+
+from kt_marlin.dequant import QTYPES, dequantize  # noqa: E402
+from kt_marlin.wq_matmul import choose_config, launch  # noqa: E402
 
 #: (model, projection, out_features N, in_features K)
 SHAPES = [
@@ -44,6 +51,7 @@ SHAPES = [
     ("Qwen3-32B", "mlp.down_proj", 5120, 25600),
 ]
 TOKENS = (1, 2, 4, 8, 16)
+GROUP = 128
 L2_FOOTPRINT = 512 << 20  # bytes of weights each timed graph streams through, at least
 
 
@@ -79,26 +87,25 @@ def hbm_ceiling() -> dict:
     src = torch.empty(n, dtype=torch.uint8, device="cuda").random_(0, 255)
     dst = torch.empty_like(src)
     t = graph_time([lambda: dst.copy_(src)] * 4)
-    del src, dst
     return {"bytes": 2 * n, "seconds": t, "GBps": 2 * n / t / 1e9}
 
 
-def int4_copies(n: int, k: int, group: int = 128):
-    words = n * k // 8
-    nbytes = words * 4 + 2 * 2 * n * (k // group)
-    copies = max(1, -(-L2_FOOTPRINT // nbytes))
+def int4_copies(n: int, k: int, group: int = GROUP):
+    """Random int4 weights in the mma layout (int16 ``[n, k/4]``, fp16 scales/offsets), as many
+    distinct copies as stream ``L2_FOOTPRINT`` bytes (at most 64), and the bytes of one."""
+    nbytes = n * k // 2 + 2 * 2 * n * (k // group)
     out = []
-    for _ in range(min(copies, 64)):
-        qw = torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, device="cuda")
+    for _ in range(min(64, max(1, -(-L2_FOOTPRINT // nbytes)))):
+        qw = torch.randint(-2**15, 2**15, (n, k // 4), dtype=torch.int16, device="cuda")
         s = (torch.rand(n, k // group, device="cuda") * 0.01).half()
         o = (-8 * s.float()).half()
         out.append((qw, s, o))
     return out, nbytes
 
 
-def bench_int4(n: int, k: int, t: int, copies, config=None) -> float:
+def bench_int4(t: int, k: int, copies, config=None, group: int = GROUP) -> float:
     x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
-    return graph_time([lambda c=c: launch(x, c[0], c[1], c[2], None, 4, 128, config) for c in copies])
+    return graph_time([lambda c=c: launch(x, c[0], c[1], c[2], None, 4, group, config) for c in copies])
 
 
 def bench_bf16(n: int, k: int, tokens) -> dict:
@@ -127,24 +134,30 @@ def bench_dequant(ceiling: float) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--budget", type=float, default=150.0, help="seconds; later sections are skipped past it")
+    parser.add_argument("--out", required=True, help="JSON result")
+    parser.add_argument("--md", help="Markdown report (report.py) written next to the JSON")
+    parser.add_argument("--dequant", action="store_true", help="also time the GGUF dequantisation kernels")
+    parser.add_argument("--budget", type=float, default=150.0, help="seconds; later shapes are skipped past it")
     args = parser.parse_args()
     began = time.time()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     import triton
 
-    result["triton"] = triton.__version__
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "group": GROUP}
 
     def save():
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+        if args.md:
+            with open(args.md, "w") as f:
+                f.write(render(result))
 
     ceiling = hbm_ceiling()
     result["hbm_copy"] = ceiling
     gbps = ceiling["GBps"] * 1e9
-    save()
-    result["dequant_bf16"] = bench_dequant(gbps)
+    print(f"# {result['device']}, triton {triton.__version__}: copy ceiling {ceiling['GBps']:.0f} GB/s", flush=True)
+    print("| shape | N | K | T | int4 µs | GB/s | of copy | bf16 µs | speed-up |", flush=True)
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
     save()
     result["int4"] = []
     for model, proj, n, k in SHAPES:
@@ -153,36 +166,24 @@ def main() -> None:
             break
         copies, nbytes = int4_copies(n, k)
         row = {"model": model, "proj": proj, "N": n, "K": k, "int4_bytes": nbytes,
-               "config_t1": choose_config(1, n, k, 4, 128, torch.device("cuda"))}
-        times4 = {t: bench_int4(n, k, t, copies) for t in TOKENS}
+               "config": {t: choose_config(t, n, k, 4, GROUP, torch.device("cuda")) for t in TOKENS}}
+        times4 = {t: bench_int4(t, k, copies) for t in TOKENS}
         del copies
         times16 = bench_bf16(n, k, TOKENS)
-        row["gemv_t1_us"] = times4[1] * 1e6
-        row["gemv_t1_GBps"] = nbytes / times4[1] / 1e9
-        row["gemv_t1_fraction_of_copy"] = nbytes / times4[1] / gbps
-        row["bf16_t1_fraction_of_copy"] = n * k * 2 / times16[1] / gbps
         row["int4_us"] = {t: v * 1e6 for t, v in times4.items()}
+        row["int4_GBps"] = {t: nbytes / v / 1e9 for t, v in times4.items()}
+        row["int4_fraction_of_copy"] = {t: nbytes / v / gbps for t, v in times4.items()}
         row["bf16_us"] = {t: v * 1e6 for t, v in times16.items()}
+        row["bf16_GBps"] = {t: n * k * 2 / v / 1e9 for t, v in times16.items()}
         row["speedup_vs_bf16"] = {t: times16[t] / times4[t] for t in TOKENS}
+        for t in TOKENS:
+            print(f"| {model} {proj} | {n} | {k} | {t} | {row['int4_us'][t]:.1f} | {row['int4_GBps'][t]:.0f} | "
+                  f"{row['int4_fraction_of_copy'][t]:.2f} | {row['bf16_us'][t]:.1f} | "
+                  f"{row['speedup_vs_bf16'][t]:.2f}x |", flush=True)
         result["int4"].append(row)
         save()
-    # a small sweep of GEMV tiles on three shapes: what the heuristic leaves on the table
-    sweep = []
-    for model, proj, n, k in (SHAPES[0], SHAPES[5], SHAPES[11]):
-        if time.time() - began > args.budget:
-            break
-        copies, nbytes = int4_copies(n, k)
-        for bn in (8, 16, 32):
-            for bk in (128, 256, 512):
-                for split in (1, 2, 4):
-                    if time.time() - began > args.budget:
-                        break
-                    cfg = dict(BLOCK_T=1, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=4)
-                    t = bench_int4(n, k, 1, copies, cfg)
-                    sweep.append({"proj": f"{model} {proj}", "cfg": cfg, "us": t * 1e6,
-                                  "fraction_of_copy": nbytes / t / gbps})
-        del copies
-    result["gemv_sweep"] = sweep
+    if args.dequant and time.time() - began < args.budget:
+        result["dequant_bf16"] = bench_dequant(gbps)
     result["elapsed_s"] = time.time() - began
     save()
 

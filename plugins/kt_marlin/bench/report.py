@@ -41,41 +41,42 @@ def render_experts(r: dict) -> str:
 
 
 def render(r: dict) -> str:
+    r = json.loads(json.dumps(r))  # token keys as strings, as read back from the JSON
     if "experts" in r:
         return render_experts(r)
     copy = r["hbm_copy"]["GBps"]
-    stream = max([copy] + [row["bf16_t1_fraction_of_copy"] * copy for row in r.get("int4", [])])
-    lines = [f"# kt-marlin linear and dequant on {r['device']} (torch {r['torch']}, triton {r['triton']})", "",
+    rows = r.get("int4", [])
+    stream = max([copy] + [g for row in rows for g in row["bf16_GBps"].values()])
+    tokens = list(rows[0]["int4_us"]) if rows else []
+    lines = [f"# kt-marlin linear on {r['device']} (torch {r['torch']}, triton {r['triton']})", "",
              f"Ceilings measured in this run: copy {copy:.0f} GB/s (1 GiB device copy, read + write); "
-             f"stream {stream:.0f} GB/s (fastest weight read of any timed kernel: bf16 `F.linear`, 1 token).", "",
-             "## int4 GEMV (1 token, group 128) and int4 vs bf16 `F.linear`", "",
-             "| model | projection | N | K | int4 µs | GB/s | of copy | of stream | bf16 µs | speed-up vs bf16 at T=1 / 2 / 4 / 8 / 16 |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for row in r.get("int4", []):
-        gbps = row["gemv_t1_GBps"]
-        sp = " / ".join(f"{row['speedup_vs_bf16'][t]:.2f}" for t in ("1", "2", "4", "8", "16"))
-        lines.append(f"| {row['model']} | {row['proj']} | {row['N']} | {row['K']} | {row['gemv_t1_us']:.1f} | "
-                     f"{gbps:.0f} | {gbps / copy:.2f} | {gbps * 1e9 / (stream * 1e9):.2f} | "
-                     f"{row['bf16_us']['1']:.1f} | {sp} |")
+             f"stream {stream:.0f} GB/s (fastest weight read of bf16 `F.linear` in this run).", "",
+             f"## int4 (group {r.get('group', 128)}) vs bf16 `F.linear`, T = {' / '.join(tokens)}", "",
+             "GB/s: packed int4 bytes (weights + fp16 scales and offsets) per second; of copy: that over "
+             "the copy ceiling; speed-up: bf16 time / int4 time.", "",
+             "| model | projection | N | K | int4 µs | int4 GB/s | of copy | bf16 µs | speed-up vs bf16 |",
+             "| --- | --- | ---: | ---: | --- | --- | --- | --- | --- |"]
+
+    def per_t(row, key, fmt):
+        return " / ".join(format(row[key][t], fmt) for t in tokens)
+
+    for row in rows:
+        lines.append(f"| {row['model']} | {row['proj']} | {row['N']} | {row['K']} | {per_t(row, 'int4_us', '.1f')} | "
+                     f"{per_t(row, 'int4_GBps', '.0f')} | {per_t(row, 'int4_fraction_of_copy', '.2f')} | "
+                     f"{per_t(row, 'bf16_us', '.1f')} | {per_t(row, 'speedup_vs_bf16', '.2f')} |")
+    if "skipped_after" in r:
+        lines += ["", f"Skipped from {r['skipped_after']}."]
+    lines += ["", "Each int4 / bf16 timing replays a CUDA graph of one call per distinct weight copy, at least "
+              "512 MB streamed per graph (or one copy when larger), so the weights come from HBM."]
+    if not r.get("dequant_bf16"):
+        return "\n".join(lines) + "\n"
     lines += ["", "## GGUF dequantisation to bf16 (7168 x 7168)", "",
               "| type | µs | GB/s (read + write) | of copy | of stream |", "| --- | ---: | ---: | ---: | ---: |"]
     for row in r.get("dequant_bf16", []):
         lines.append(f"| {row['qtype']} | {row['seconds'] * 1e6:.1f} | {row['GBps']:.0f} | "
                      f"{row['GBps'] / copy:.2f} | {row['GBps'] / stream:.2f} |")
-    sweep = r.get("gemv_sweep", [])
-    if sweep:
-        lines += ["", "## GEMV tile sweep (best three per shape)", "",
-                  "| shape | BLOCK_N | BLOCK_K | SPLIT_K | µs | of copy |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        for proj in dict.fromkeys(d["proj"] for d in sweep):
-            best = sorted((d for d in sweep if d["proj"] == proj), key=lambda d: d["us"])[:3]
-            for d in best:
-                c = d["cfg"]
-                lines.append(f"| {proj} | {c['BLOCK_N']} | {c['BLOCK_K']} | {c['SPLIT_K']} | {d['us']:.1f} | "
-                             f"{d['fraction_of_copy']:.2f} |")
     lines += ["", "Notes: each dequantisation graph calls the kernel four times on one GGUF tensor of "
-              "13-54 MB, so part of its input can be served from the 50 MB L2; read its fractions as upper "
-              "bounds. The int4 timings stream at least 512 MB of distinct weight copies per graph (or one "
-              "copy when larger), so they come from HBM."]
+              "13-54 MB, so part of its input can be served from the 50 MB L2: read its fractions as upper bounds."]
     return "\n".join(lines) + "\n"
 
 

@@ -5,7 +5,8 @@ Options: ``format`` ``bf16 | int8 | int4`` (default bf16) and ``group_size`` ``3
 
 - ``bf16``: the weight dequantised on the device (GGUF through ``kt_marlin.dequantize``) and
   ``F.linear`` in bf16.
-- ``int4`` / ``int8``: packed once at load (``kt_marlin.packing``), run by the Triton kernel
+- ``int4`` / ``int8``: packed once at load (``kt_marlin.packing``; int4 in its ``mma`` layout,
+  so in_features must be a multiple of 64), run by the Triton kernel
   ``torch.ops.kt_marlin.wq_matmul``. GGUF Q4_0/Q4_1/Q4_K (int4) and Q8_0 (int8) are repacked
   exactly, in groups of 32 whatever ``group_size`` says; any other source is quantised with
   ``group_size`` and the added error (relative RMS against the source) is logged at warning
@@ -68,8 +69,10 @@ class MarlinLinear(Linear):
         super().__init__(spec, device, options)
         name = type(self).__name__
         self.format, self.group_size = weight_format(name, self.options, self.option_names)
-        if self.format != "bf16" and spec.in_features % 32:
-            raise BackendError(f"{name}: in_features {spec.in_features} is not a multiple of 32")
+        multiple = 64 if self.format == "int4" else 32  # int4: the kernel's layout unit (packing.mma_unit)
+        if self.format != "bf16" and spec.in_features % multiple:
+            raise BackendError(f"{name}: {self.format} needs in_features ({spec.in_features}) to be a multiple of "
+                               f"{multiple}")
         self.bits = BITS[self.format]
         self.group = self.group_size
         self.exact = False
@@ -98,6 +101,8 @@ class MarlinLinear(Linear):
             err = (packing.unpack(packed) - dense).pow(2).mean().sqrt() / dense.pow(2).mean().sqrt().clamp_min(1e-30)
             logger.warning("%s: quantising %s (%s) to %s adds a relative RMS error of %.3g",
                            type(self).__name__, getattr(src, "name", "<tensor>"), src.format, self.format, float(err))
+        if self.bits == 4:
+            packed = packing.to_mma(packed)
         self.group = packed.group
         self.qweight, self.scales, self.offsets = packed.qweight, packed.scales, packed.offsets
 

@@ -2,11 +2,18 @@
 
 Layout (``out`` rows N, ``in`` columns K, groups of G along K, all row-major, K contiguous):
 
-- ``int4``: ``qweight`` int32 ``[N, K // 8]`` (nibble ``j`` of word ``w`` is column ``8w + j``),
-  ``scales`` and ``offsets`` ``[N, K // G]``: ``w[n, k] = scale * q + offset`` (affine).
-  A program of the GEMV kernel reads a ``[BLOCK_N, BLOCK_K / 8]`` tile of words whose rows
-  are contiguous runs of ``BLOCK_K / 2`` bytes: each thread loads 16 bytes (4 words, 32
-  weights) and neighbouring threads neighbouring 16-byte vectors, so the loads are coalesced.
+- ``int4``: ``scales`` and ``offsets`` ``[N, K // G]``: ``w[n, k] = scale * q + offset``
+  (affine), ``q`` in 0..15, in one of two layouts told apart by the dtype of ``qweight``:
+
+  - ``words`` (the fused MoE's): int32 ``[N, K // 8]``, nibble ``j`` of word ``w`` is column
+    ``8w + j``;
+  - ``mma`` (``MarlinLinear``'s, ``to_mma``): int16 ``[N, K // 4]`` in units of ``U =
+    mma_unit(G) = max(G, 64)`` columns; element ``c`` (0..U/4-1) of a unit holds columns
+    ``c + j U/4`` of the unit in nibble ``j`` (bits ``4j..4j+3``). A unit's row is ``U/2``
+    contiguous bytes (16-byte loads, coalesced), and nibble ``j`` of all its elements is
+    the contiguous column range ``[j U/4, (j+1) U/4)``: the kernel dots it with a contiguous
+    slice of x, and each two weights of a 32-bit register come out of one LOP3 (``int4_mma``).
+    Needs K to be a multiple of ``U``.
 - ``int8``: ``qweight`` int8 ``[N, K]``, ``scales`` ``[N, K // G]``: ``w = scale * q``.
 
 Scales/offsets are fp16 when that is exact and fp32 otherwise (Q4_K: ``d * sc`` has 17
@@ -44,8 +51,13 @@ class Packed:
 
     @property
     def shape(self) -> tuple[int, int]:
-        n, words = self.qweight.shape
-        return n, words * (8 if self.bits == 4 else 1)
+        n, elements = self.qweight.shape
+        return n, elements * (self.qweight.element_size() * 2 if self.bits == 4 else 1)
+
+
+def mma_unit(group: int) -> int:
+    """Columns of a unit of the ``mma`` layout for groups of ``group``."""
+    return max(group, 64)
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
@@ -68,14 +80,34 @@ def pack_int8(q: torch.Tensor, scales: torch.Tensor, group: int) -> Packed:
     return Packed(8, group, q.to(torch.int8).contiguous(), _compact(scales.float()).contiguous(), None)
 
 
+def _nibbles(p: Packed) -> torch.Tensor:
+    """The int32 ``q[N, K]`` (0..15) of an int4 weight in either layout."""
+    n, k = p.shape
+    if p.qweight.dtype == torch.int32:  # words
+        shifts = 4 * torch.arange(8, device=p.qweight.device, dtype=torch.int32)
+        return ((p.qweight.unsqueeze(-1) >> shifts) & 15).reshape(n, k)
+    unit = mma_unit(p.group)
+    shifts = 4 * torch.arange(4, device=p.qweight.device, dtype=torch.int32)
+    e = p.qweight.to(torch.int32).reshape(n, k // unit, 1, unit // 4)
+    return ((e >> shifts[:, None]) & 15).reshape(n, k)  # [n, unit, nibble j, c] -> column j U/4 + c
+
+
+def to_mma(p: Packed) -> Packed:
+    """An int4 weight in the ``mma`` layout (``MarlinLinear``'s); K must be a multiple of
+    ``mma_unit(group)``."""
+    n, k = p.shape
+    unit = mma_unit(p.group)
+    if k % unit:
+        raise ValueError(f"the int4 mma layout needs K ({k}) to be a multiple of {unit}")
+    q = _nibbles(p).reshape(n, k // unit, 4, unit // 4)
+    e = (q << (4 * torch.arange(4, device=q.device, dtype=torch.int32))[:, None]).sum(2)  # 0 .. 2^16-1
+    e = torch.where(e >= 2**15, e - 2**16, e).to(torch.int16)
+    return Packed(4, p.group, e.reshape(n, k // 4).contiguous(), p.scales, p.offsets)
+
+
 def unpack(p: Packed) -> torch.Tensor:
     """The fp32 weight ``[N, K]`` a packed weight represents (the kernels' exact values)."""
-    n, k = p.shape
-    if p.bits == 4:
-        shifts = 4 * torch.arange(8, device=p.qweight.device, dtype=torch.int32)
-        q = ((p.qweight.unsqueeze(-1) >> shifts) & 15).reshape(n, k).float()
-    else:
-        q = p.qweight.float()
+    q = (_nibbles(p) if p.bits == 4 else p.qweight).float()
     s = p.scales.float().repeat_interleave(p.group, dim=1)
     w = s * q
     if p.offsets is not None:

@@ -106,7 +106,7 @@ def test_split_k_config_matches(device, random_blocks):
     w = _gguf_weight(random_blocks, "Q4_0", n, k)
     op = _build(LinearSpec(k, n, bias=False), device, {"format": "int4"}, {"weight": w})
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(k)).to(device)
-    cfg = dict(BLOCK_T=1, BLOCK_N=16, BLOCK_K=128, num_warps=4)
+    cfg = dict(BLOCK_T=16, BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=1)
     one = launch(x, op.qweight, op.scales, op.offsets, None, 4, 32, dict(cfg, SPLIT_K=1))
     four = launch(x, op.qweight, op.scales, op.offsets, None, 4, 32, dict(cfg, SPLIT_K=4))
     # fp32 sums of 1024 products in another order: a few ulps of the largest output
@@ -122,6 +122,8 @@ def test_options_are_checked():
         MarlinLinear(LinearSpec(64, 8), "cpu", {"group_size": 48})
     with pytest.raises(BackendError, match="unknown option"):
         MarlinLinear(LinearSpec(64, 8), "cpu", {"dtype": "bf16"})
+    with pytest.raises(BackendError, match="multiple of 64"):
+        MarlinLinear(LinearSpec(96, 8), "cpu", {"format": "int4"})
 
 
 # ------------------------------------------------------------------------------------------
@@ -181,23 +183,44 @@ def test_compile_fullgraph_and_opcheck(device, random_blocks):
     torch.library.opcheck(torch.ops.kt_marlin.dequantize.default, (raw, "Q4_0", [n, k], 0))
 
 
-@pytest.mark.parametrize("group", [32, 128])
-@pytest.mark.parametrize("path,t", [("fma", 1), ("fma", 3), ("dot", 5)])
-def test_int4_kernel_paths_and_split_k(group, path, t, device):
-    """The int4 kernel's fma and dot paths, without and with split-K (the last program of a
-    tile adds the partials in a fixed order, bias included): equal up to fp32 reordering, and
-    a split result repeats bit for bit."""
-    from kt_marlin.packing import quantize_dense, unpack
+def test_mma_layout():
+    """``to_mma`` puts column ``u U + j U/4 + c`` in nibble j of int16 element ``u U/4 + c``
+    (U = max(G, 64)), and ``unpack`` reads both layouts to the same weight."""
+    from kt_marlin.packing import mma_unit, pack_int4, to_mma, unpack
+
+    gen = torch.Generator().manual_seed(5)
+    n, k = 5, 256
+    for group in (32, 64, 128):
+        q = torch.randint(0, 16, (n, k), generator=gen)
+        s, o = torch.rand(n, k // group, generator=gen), torch.randn(n, k // group, generator=gen)
+        words = pack_int4(q, s, o, group)
+        mma = to_mma(words)
+        assert mma.qweight.dtype == torch.int16 and mma.shape == (n, k)
+        unit = mma_unit(group)
+        e = mma.qweight.to(torch.int32) & 0xFFFF
+        for col in (0, 1, unit // 4 - 1, unit // 4, unit - 1, unit + 3, k - 1):
+            u, r = divmod(col, unit)
+            j, c = divmod(r, unit // 4)
+            assert torch.equal((e[:, u * unit // 4 + c] >> (4 * j)) & 15, q[:, col].to(torch.int32))
+        assert torch.equal(unpack(mma), unpack(words))
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("t", [1, 3, 17])
+def test_int4_kernel_groups_and_split_k(group, t, device):
+    """The int4 kernel against the fp64 product for every group, without and with split-K (the
+    last program of a tile adds the partials in a fixed order, bias included): equal up to
+    fp32 reordering, and a split result repeats bit for bit."""
+    from kt_marlin.packing import quantize_dense, to_mma, unpack
 
     n, k = 21, 1024
     gen = torch.Generator().manual_seed(group + t)
-    p = quantize_dense(torch.randn(n, k, generator=gen), 4, group)
+    p = to_mma(quantize_dense(torch.randn(n, k, generator=gen), 4, group))
     qw, s, o = (v.to(device) for v in (p.qweight, p.scales, p.offsets))
     bias = torch.randn(n, generator=gen).to(device)
     x = torch.randn(t, k, generator=gen).to(device)
     ref = _reference(unpack(p), bias.cpu(), x.cpu())
-    bt = 16 if path == "dot" else 4
-    base = dict(path=path, BLOCK_T=bt, BLOCK_N=16, BLOCK_K=256, num_warps=4)
+    base = dict(BLOCK_T=16, BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=1)
     ys = [launch(x, qw, s, o, bias, 4, group, dict(base, SPLIT_K=split)).cpu() for split in (1, 3, 4)]
     for y in ys:
         _close(y, ref, torch.float32)
@@ -205,27 +228,46 @@ def test_int4_kernel_paths_and_split_k(group, path, t, device):
     assert torch.equal(again, ys[1])
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("t", [1, 16, 40])
+def test_int4_asm_unpack_gpu(dtype, group, t):
+    """The inline-asm unpack gives the integer-op unpack's values: equal outputs bit for bit
+    (same dots on the same operands), and both match the fp64 product."""
+    from kt_marlin.packing import quantize_dense, to_mma, unpack
+
+    n, k = 300, 2048
+    p = to_mma(quantize_dense(torch.randn(n, k), 4, group))
+    qw, s, o = (v.cuda() for v in (p.qweight, p.scales, p.offsets))
+    x = torch.randn(t, k, device="cuda").to(dtype)
+    cfg = dict(BLOCK_T=16 if t <= 16 else 64, BLOCK_N=64, BLOCK_K=256, SPLIT_K=2, num_warps=4, num_stages=2)
+    y_asm = launch(x, qw, s, o, None, 4, group, dict(cfg, ASM=True))
+    y_int = launch(x, qw, s, o, None, 4, group, dict(cfg, ASM=False))
+    assert torch.equal(y_asm, y_int)
+    _close(y_asm.cpu(), _reference(unpack(p), None, x.cpu()), dtype)
+
+
 def test_config_table_resolves():
-    """Every table entry resolves for the shapes of each class (BLOCK_K divides K, a dot only
-    where its K slice has 16 columns) and a sweep JSON updates the table."""
+    """Every table entry resolves for the shapes of each class (BLOCK_K a multiple of the
+    layout unit dividing K, at least 16 tokens per program) and a sweep JSON updates the table."""
     import json
     import tempfile
 
     from kt_marlin import wq_matmul as W
+    from kt_marlin.packing import mma_unit
 
     cpu = torch.device("cpu")
-    for n, k in [(576, 7168), (7168, 2048), (32768, 512), (24, 96), (19, 384)]:
+    for n, k in [(576, 7168), (7168, 2048), (32768, 512), (24, 128), (19, 384)]:
         for t in (1, 2, 4, 9, 16, 40, 300):
             for group in (32, 64, 128):
-                if k % group:
+                if k % mma_unit(group):
                     continue
                 cfg = W.choose_config(t, n, k, 4, group, cpu)
-                assert k % cfg["BLOCK_K"] == 0 and cfg["BLOCK_K"] % group == 0
-                assert cfg["path"] in ("fma", "dot") and cfg["SPLIT_K"] >= 1
-                if cfg["path"] == "dot":
-                    assert cfg["BLOCK_T"] >= 16 and (group == 128 or cfg["BLOCK_K"] >= 128)
-    entry = dict(W.DEFAULT_TABLE["n<=2k,k>2k|1"], BLOCK_N=64, WAVES=8)
+                assert k % cfg["BLOCK_K"] == 0 and cfg["BLOCK_K"] % mma_unit(group) == 0
+                assert cfg["BLOCK_T"] >= 16 and cfg["SPLIT_K"] >= 1
+    entry = dict(W.DEFAULT_TABLE["n<=2k,k>2k|16"], BLOCK_N=64, WAVES=8)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"table": {"n<=2k,k>2k|1": entry}}, f)
+        json.dump({"table": {"n<=2k,k>2k|16": entry}}, f)
     table = W.load_table(f.name)
-    assert table["n<=2k,k>2k|1"]["BLOCK_N"] == 64 and table["n>8k,k>2k|1"] == W.DEFAULT_TABLE["n>8k,k>2k|1"]
+    assert table["n<=2k,k>2k|16"]["BLOCK_N"] == 64 and table["n>8k,k>2k|16"] == W.DEFAULT_TABLE["n>8k,k>2k|16"]

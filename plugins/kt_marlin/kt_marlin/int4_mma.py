@@ -1,0 +1,164 @@
+"""The int4 weight-only matmul kernel: ``y[T, N] = x[T, K] @ (s q + o)[N, K].T (+ b)``.
+
+Weights in the ``mma`` layout of ``kt_marlin.packing``: int16 ``[N, K/4]`` in units of ``U =
+max(G, 64)`` columns, element ``c`` of a unit holding columns ``c + j U/4`` of the unit in
+nibble ``j``; scales/offsets ``[N, K/G]``.
+
+Computed as ``y.T = W x.T`` so that the weights are the register operand of ``tl.dot``
+(M = ``BLOCK_N`` rows, N = ``BLOCK_T`` tokens padded to 16, K = ``U/4``): the multiply-adds
+run on the tensor cores and only the unpacking runs on the ALUs. Per unit:
+
+- one load of ``[BLOCK_N, U/4]`` int16 (rows are contiguous runs of ``U/2`` bytes: 16-byte
+  vectors, coalesced; Triton pipelines it with cp.async for ``num_stages`` > 1);
+- the unpack: nibble ``j`` becomes the 16-bit float ``MAGIC + q`` (``MAGIC`` = 128 for bf16,
+  1024 for fp16, exact) by OR-ing it into the low mantissa bits of ``MAGIC``. On the GPU that
+  is ``tl.inline_asm_elementwise`` on two int16 (one 32-bit register) at a time (``ASM``):
+  a shift and one LOP3 per nibble give two weights in the two halves of a register, which
+  is the dot operand's register format. Triton's interpreter cannot run inline assembly, so
+  it (and ``ASM=False``) takes the same values from integer ops;
+- four dots, nibble plane ``j`` against the x columns ``[j U/4, (j+1) U/4)`` of the unit,
+  summed in fp32 (``acc_g[n, t] = sum_k (MAGIC + q) x``, exact products); for groups of 32
+  (``U`` = 64) planes 0-1 are one group and planes 2-3 the next;
+- the affine part on the ``[BLOCK_N, BLOCK_T]`` accumulator: ``y += s acc_g + (o - MAGIC s)
+  sum_k x``, with ``sum_k x`` per token and group from the x tile.
+
+Split-K (``SPLIT_K`` programs per output tile along K): each program stores its fp32 partial,
+bumps the tile's counter (acq_rel atomic), and the program that arrives last adds the
+partials **in the fixed order 0..S-1**, adds the bias and stores: deterministic, one launch,
+no separate reduction pass (the counters come from a ``torch.zeros``).
+
+fp32 activations (and CPU tensors, which only the interpreter runs: its bf16 ``tl.dot``
+multiplies raw bits) take an fp32 ("ieee") dot on fp32 ``MAGIC + q``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+def _unpack_ptx(magic: int) -> str:
+    """PTX: two int16 ``$4`` (low half: element 0) -> for ``j`` = 0..3, ``$j`` = the pair
+    ``magic + nibble j`` of element 0 (low half) and of element 1 (high half): a shift and one
+    LOP3 ``(a & b) | c`` (0xea) per two weights."""
+    m = f"0x{magic:04X}{magic:04X}"
+    return ("{ .reg .b32 t1, t2, t3;\n"
+            "shr.b32 t1, $4, 4; shr.b32 t2, $4, 8; shr.b32 t3, $4, 12;\n"
+            f"lop3.b32 $0, $4, 0x000F000F, {m}, 0xea; lop3.b32 $1, t1, 0x000F000F, {m}, 0xea;\n"
+            f"lop3.b32 $2, t2, 0x000F000F, {m}, 0xea; lop3.b32 $3, t3, 0x000F000F, {m}, 0xea; }}")
+
+
+_PTX_BF16 = tl.constexpr(_unpack_ptx(0x4300))  # bf16 128.0
+_PTX_FP16 = tl.constexpr(_unpack_ptx(0x6400))  # fp16 1024.0
+
+
+@triton.jit
+def _unpack_asm(b, MAGIC: tl.constexpr):
+    """int16 ``b`` -> the four ``MAGIC + nibble j`` as 16-bit floats (``MAGIC`` 128: bf16,
+    1024: fp16); two elements per asm instance."""
+    if MAGIC == 128:
+        return tl.inline_asm_elementwise(_PTX_BF16, "=r,=r,=r,=r,r", [b], dtype=(tl.bfloat16,) * 4,
+                                         is_pure=True, pack=2)
+    else:
+        return tl.inline_asm_elementwise(_PTX_FP16, "=r,=r,=r,=r,r", [b], dtype=(tl.float16,) * 4,
+                                         is_pure=True, pack=2)
+
+
+@triton.jit
+def _unpack_int(b, MAGIC: tl.constexpr, DTYPE: tl.constexpr):
+    """The values of ``_unpack_asm`` from integer ops (the interpreter; fp32 dots)."""
+    q0 = ((b & 15).to(tl.float32) + MAGIC).to(DTYPE)
+    q1 = (((b >> 4) & 15).to(tl.float32) + MAGIC).to(DTYPE)
+    q2 = (((b >> 8) & 15).to(tl.float32) + MAGIC).to(DTYPE)
+    q3 = (((b >> 12) & 15).to(tl.float32) + MAGIC).to(DTYPE)
+    return q0, q1, q2, q3
+
+
+@triton.jit
+def _dot(acc, q, x, DOT_IEEE: tl.constexpr):
+    """``acc + q @ x.T``: q ``[BN, P]`` weights, x ``[BT, P]`` activations."""
+    if DOT_IEEE:
+        return tl.dot(q, tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
+    else:
+        return tl.dot(q, tl.trans(x), acc)
+
+
+@triton.jit
+def _affine(acc, accg, xs, s_ptr, o_ptr, g_off, mask_n, MAGIC: tl.constexpr):
+    """``acc + s accg + (o - MAGIC s) xs`` for one group: ``accg[BN, BT] = sum (MAGIC + q) x``,
+    ``xs[BT] = sum x`` over the group, ``g_off[BN]``: offsets of its scales."""
+    s = tl.load(s_ptr + g_off, mask=mask_n, other=0).to(tl.float32)  # [BN]
+    o = tl.load(o_ptr + g_off, mask=mask_n, other=0).to(tl.float32)
+    return acc + accg * s[:, None] + (o - MAGIC * s)[:, None] * xs[None, :]
+
+
+@triton.jit
+def int4_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, T, N, K, KQ, stride_x, SPLIT_K,
+                GROUP: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr, DOT_IEEE: tl.constexpr,
+                HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    U: tl.constexpr = 64 if GROUP == 32 else GROUP  # columns of a layout unit
+    P: tl.constexpr = U // 4  # columns of a part = int16 elements of a row per unit
+    if DOT_IEEE:
+        WT: tl.constexpr = tl.float32
+    else:
+        WT: tl.constexpr = x_ptr.dtype.element_ty
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_n = rn < N
+    mask_t = rt < T
+    rn64 = rn.to(tl.int64)
+    rt64 = rt.to(tl.int64)
+    rc = tl.arange(0, P)
+    n_groups = K // GROUP  # KQ = K // 4 is an argument: Triton then knows the rows are 16-byte aligned
+    w_rows = qw_ptr + rn64[:, None] * KQ + rc[None, :]  # [BN, P]
+    x_rows = x_ptr + rt64[:, None] * stride_x + rc[None, :]  # [BT, P]
+    g_rows = rn64 * n_groups  # [BN]
+    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    for kt in range(pid_k, K // BLOCK_K, SPLIT_K):
+        for u in tl.static_range(BLOCK_K // U):
+            ku = kt * BLOCK_K + u * U
+            b = tl.load(w_rows + ku // 4, mask=mask_n[:, None], other=0)  # [BN, P] int16
+            if ASM:
+                q0, q1, q2, q3 = _unpack_asm(b, MAGIC)  # [BN, P] each: MAGIC + q of columns ku + j P + c
+            else:
+                q0, q1, q2, q3 = _unpack_int(b, MAGIC, WT)
+            x0 = tl.load(x_rows + ku, mask=mask_t[:, None], other=0.0)  # [BT, P]
+            x1 = tl.load(x_rows + (ku + P), mask=mask_t[:, None], other=0.0)
+            x2 = tl.load(x_rows + (ku + 2 * P), mask=mask_t[:, None], other=0.0)
+            x3 = tl.load(x_rows + (ku + 3 * P), mask=mask_t[:, None], other=0.0)
+            zero = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+            xs01 = tl.sum(x0.to(tl.float32) + x1.to(tl.float32), axis=1)  # [BT]
+            xs23 = tl.sum(x2.to(tl.float32) + x3.to(tl.float32), axis=1)
+            acc01 = _dot(_dot(zero, q0, x0, DOT_IEEE), q1, x1, DOT_IEEE)  # [BN, BT]
+            if GROUP == 32:  # parts 0, 1: group 2u; parts 2, 3: group 2u + 1
+                acc = _affine(acc, acc01, xs01, s_ptr, o_ptr, g_rows + ku // GROUP, mask_n, MAGIC)
+                acc23 = _dot(_dot(zero, q2, x2, DOT_IEEE), q3, x3, DOT_IEEE)
+                acc = _affine(acc, acc23, xs23, s_ptr, o_ptr, g_rows + ku // GROUP + 1, mask_n, MAGIC)
+            else:
+                accg = _dot(_dot(acc01, q2, x2, DOT_IEEE), q3, x3, DOT_IEEE)
+                acc = _affine(acc, accg, xs01 + xs23, s_ptr, o_ptr, g_rows + ku // GROUP, mask_n, MAGIC)
+    mask_out = mask_n[:, None] & mask_t[None, :]
+    out_off = rt64[None, :] * N + rn[:, None]  # [BN, BT]
+    if not USE_SPLIT:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=mask_n, other=0).to(tl.float32)[:, None]
+        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+    else:
+        # partial of this split; the last of the tile's SPLIT_K programs to arrive adds them
+        # in the fixed order 0..SPLIT_K-1 (deterministic) and stores the output
+        tl.store(part_ptr + pid_k.to(tl.int64) * T * N + out_off, acc, mask=mask_out)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid_n * tl.num_programs(1) + pid_t, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+            parts = part_ptr + out_off
+            for _ in range(SPLIT_K):
+                total += tl.load(parts, mask=mask_out, other=0.0, cache_modifier=".cg")
+                parts += T * N
+            if HAS_BIAS:
+                total += tl.load(b_ptr + rn, mask=mask_n, other=0).to(tl.float32)[:, None]
+            tl.store(out_ptr + out_off, total.to(out_ptr.dtype.element_ty), mask=mask_out)
