@@ -53,21 +53,21 @@ SHAPES = [
 ]
 
 
-def E(bn, bk, warps=4, waves=2, stages=3, bt=16):
-    return W._entry(bt, bn, bk, waves, warps, stages)
+def E(bn, bk, warps=4, waves=2, stages=3, bt=16, xs=1):
+    return W._entry(bt, bn, bk, waves, warps, stages, xs)
 
 
-#: stage-1 tile candidates (WAVES 2, three stages; the survivors of two earlier H200 sweeps, where
-#: BLOCK_N 16/32 and BLOCK_K 512/1024 lost); the current table entry is added
-TILES = [E(64, 128), E(64, 128, stages=4), E(64, 256), E(64, 256, stages=2), E(128, 128), E(128, 128, 8),
-         E(128, 256, 8), E(32, 128, 2, stages=4), E(64, 512)]
-WAVES = (1, 2, 4, 8, 16)
+#: stage-1 tile candidates (WAVES 2, three stages; earlier H200 sweeps: BLOCK_N 16/32 and BLOCK_K
+#: 512/1024 lost) and the three ways to get the groups' x sums (XS); the current table entry is added
+TILES = [E(64, 128), E(64, 128, xs=0), E(64, 128, xs=2), E(128, 128), E(128, 128, xs=0), E(128, 128, xs=2),
+         E(64, 256), E(128, 256), E(128, 128, 8), E(256, 128, 8), E(256, 128, 8, xs=0)]
+WAVES = (1, 2, 4, 8)
 STAGES = (2, 3, 4, 5)
 
 
 def key(e: dict) -> str:
     return (f"T{e['BLOCK_T']} N{e['BLOCK_N']} K{e['BLOCK_K']} w{e['WAVES']} warps{e['num_warps']} "
-            f"st{e['num_stages']}")
+            f"st{e['num_stages']} xs{e.get('XS', 0)}")
 
 
 class Case:
@@ -189,7 +189,7 @@ def main() -> None:
                     row.update(GBps=gbps, of_copy=gbps / copy["GBps"], vs_bf16=c.bf16_us / r["us"])
                     cfg = r["config"]
                     desc = (f"T{cfg['BLOCK_T']} N{cfg['BLOCK_N']} K{cfg['BLOCK_K']} split{cfg['SPLIT_K']} "
-                            f"warps{cfg['num_warps']} st{cfg['num_stages']}")
+                            f"warps{cfg['num_warps']} st{cfg['num_stages']} xs{cfg['XS']}")
                     print(f"| {c.name} | {c.t} | {desc} | {r['us']:.1f} | {gbps:.0f} | {row['of_copy']:.2f} | "
                           f"{row['vs_bf16']:.2f}x | {row['table_us'] or float('nan'):.1f} |", flush=True)
                 for b in bad:

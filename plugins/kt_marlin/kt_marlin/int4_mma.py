@@ -5,8 +5,8 @@ max(G, 64)`` columns, element ``c`` of a unit holding columns ``c + j U/4`` of t
 nibble ``j``; scales/offsets ``[N, K/G]``.
 
 Computed as ``y.T = W x.T`` so that the weights are the register operand of ``tl.dot``
-(M = ``BLOCK_N`` rows, N = ``BLOCK_T`` tokens padded to 16, K = ``U/4``): the multiply-adds
-run on the tensor cores and only the unpacking runs on the ALUs. Per unit:
+(M = ``BLOCK_N`` rows, N = ``BLOCK_T`` tokens padded to 16, K = the group): the
+multiply-adds run on the tensor cores and only the unpacking runs on the ALUs. Per unit:
 
 - one load of ``[BLOCK_N, U/4]`` int16 (rows are contiguous runs of ``U/2`` bytes: 16-byte
   vectors, coalesced; Triton pipelines it with cp.async for ``num_stages`` > 1);
@@ -16,16 +16,24 @@ run on the tensor cores and only the unpacking runs on the ALUs. Per unit:
   a shift and one LOP3 per nibble give two weights in the two halves of a register, which
   is the dot operand's register format. Triton's interpreter cannot run inline assembly, so
   it (and ``ASM=False``) takes the same values from integer ops;
-- four dots, nibble plane ``j`` against the x columns ``[j U/4, (j+1) U/4)`` of the unit,
-  summed in fp32 (``acc_g[n, t] = sum_k (MAGIC + q) x``, exact products); for groups of 32
-  (``U`` = 64) planes 0-1 are one group and planes 2-3 the next;
+- the nibble planes of a group put side by side (``_cat``: plane ``j`` holds the unit's
+  columns ``[j U/4, (j+1) U/4)``, so this is the columns in order, and in registers only a
+  renaming) and **one dot per group** against the group's ``x.T`` tile ``[G, BLOCK_T]``
+  (cp.async, no transposition in registers): ``acc_g[n, t] = sum_k (MAGIC + q) x`` in fp32
+  (exact products), a single wgmma wait per group;
 - the affine part on the ``[BLOCK_N, BLOCK_T]`` accumulator: ``y += s acc_g + (o - MAGIC s)
-  sum_k x``, with ``sum_k x`` per token and group from the x tile.
+  sum_k x``. The coefficients of the next K tile's first group are loaded one iteration
+  ahead (the scale loads' latency off the critical path). ``XS`` picks where ``sum_k x`` of
+  the group comes from: 0 a reduction of the x tile (shuffles and a layout change through
+  shared memory), 1 a ``[T, K/G]`` fp32 tensor computed by torch before the launch (loaded
+  with the scales), 2 a second dot, ones ``[BLOCK_N, G]`` times the x tile (tensor cores,
+  no layout change).
 
-Split-K (``SPLIT_K`` programs per output tile along K): each program stores its fp32 partial,
-bumps the tile's counter (acq_rel atomic), and the program that arrives last adds the
-partials **in the fixed order 0..S-1**, adds the bias and stores: deterministic, one launch,
-no separate reduction pass (the counters come from a ``torch.zeros``).
+Split-K (``SPLIT_K`` programs per output tile along K): each program takes a contiguous run
+of K tiles (a row's loads follow each other in memory), stores its fp32 partial, bumps the
+tile's counter (acq_rel atomic), and the program that arrives last adds the partials **in the
+fixed order 0..S-1**, adds the bias and stores: deterministic, one launch, no separate
+reduction pass (the counters come from a ``torch.zeros``).
 
 fp32 activations (and CPU tensors, which only the interpreter runs: its bf16 ``tl.dot``
 multiplies raw bits) take an fp32 ("ieee") dot on fp32 ``MAGIC + q``.
@@ -75,33 +83,37 @@ def _unpack_int(b, MAGIC: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _dot(acc, q, x, DOT_IEEE: tl.constexpr):
-    """``acc + q @ x.T``: q ``[BN, P]`` weights, x ``[BT, P]`` activations."""
-    if DOT_IEEE:
-        return tl.dot(q, tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
+def _cat(a, b):
+    """``[BN, P]``, ``[BN, P]`` -> ``[BN, 2P]``: a's columns then b's (in the dot-operand
+    layout this only renames registers: P is a multiple of the dot's K step 16)."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (a.shape[0], 2 * a.shape[1]))
+
+
+@triton.jit
+def _coef(s_ptr, o_ptr, xs_ptr, g, rows, rt, mask_n, mask_t, n_groups, MAGIC: tl.constexpr, XS: tl.constexpr):
+    """Group ``g``'s affine coefficients ``s`` and ``o - MAGIC s`` ``[BN]`` (fp32) and, with
+    ``XS == 1``, the precomputed ``sum x`` of the group ``[BT]`` (else zeros)."""
+    s = tl.load(s_ptr + rows + g, mask=mask_n, other=0).to(tl.float32)
+    o = tl.load(o_ptr + rows + g, mask=mask_n, other=0).to(tl.float32)
+    if XS == 1:
+        xs = tl.load(xs_ptr + rt * n_groups + g, mask=mask_t, other=0.0)
     else:
-        return tl.dot(q, tl.trans(x), acc)
+        xs = tl.zeros(rt.shape, dtype=tl.float32)
+    return s, o - MAGIC * s, xs
 
 
 @triton.jit
-def _affine(acc, accg, xs, s_ptr, o_ptr, g_off, mask_n, MAGIC: tl.constexpr):
-    """``acc + s accg + (o - MAGIC s) xs`` for one group: ``accg[BN, BT] = sum (MAGIC + q) x``,
-    ``xs[BT] = sum x`` over the group, ``g_off[BN]``: offsets of its scales."""
-    s = tl.load(s_ptr + g_off, mask=mask_n, other=0).to(tl.float32)  # [BN]
-    o = tl.load(o_ptr + g_off, mask=mask_n, other=0).to(tl.float32)
-    return acc + accg * s[:, None] + (o - MAGIC * s)[:, None] * xs[None, :]
-
-
-@triton.jit
-def int4_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, T, N, K, KQ, stride_x, SPLIT_K,
+def int4_kernel(x_ptr, xs_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, T, N, K, KQ, stride_x, SPLIT_K,
                 GROUP: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr, DOT_IEEE: tl.constexpr,
-                HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr,
+                HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, XS: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
     pid_k = tl.program_id(2)
     U: tl.constexpr = 64 if GROUP == 32 else GROUP  # columns of a layout unit
     P: tl.constexpr = U // 4  # columns of a part = int16 elements of a row per unit
+    H: tl.constexpr = U // GROUP  # groups per unit (1, or 2 for groups of 32)
+    GT: tl.constexpr = BLOCK_K // GROUP  # groups per K tile
     if DOT_IEEE:
         WT: tl.constexpr = tl.float32
     else:
@@ -112,13 +124,22 @@ def int4_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, 
     mask_t = rt < T
     rn64 = rn.to(tl.int64)
     rt64 = rt.to(tl.int64)
-    rc = tl.arange(0, P)
     n_groups = K // GROUP  # KQ = K // 4 is an argument: Triton then knows the rows are 16-byte aligned
-    w_rows = qw_ptr + rn64[:, None] * KQ + rc[None, :]  # [BN, P]
-    x_rows = x_ptr + rt64[:, None] * stride_x + rc[None, :]  # [BT, P]
+    w_rows = qw_ptr + rn64[:, None] * KQ + tl.arange(0, P)[None, :]  # [BN, P]
+    xt_cols = x_ptr + rt64[None, :] * stride_x + tl.arange(0, GROUP)[:, None]  # [G, BT]: x.T of a group
     g_rows = rn64 * n_groups  # [BN]
+    # this split's K tiles: a contiguous run (consecutive loads of a row are adjacent in memory)
+    n_kt = K // BLOCK_K
+    per = tl.cdiv(n_kt, SPLIT_K)
+    k_lo = pid_k * per
+    k_hi = tl.minimum(k_lo + per, n_kt)
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-    for kt in range(pid_k, K // BLOCK_K, SPLIT_K):
+    s_c, c_c, xs_c = _coef(s_ptr, o_ptr, xs_ptr, tl.minimum(k_lo, n_kt - 1) * GT, g_rows, rt, mask_n, mask_t, n_groups,
+                           MAGIC, XS)
+    for kt in range(k_lo, k_hi):
+        # the next tile's first-group coefficients, loaded one iteration ahead (latency hidden)
+        s_n, c_n, xs_n = _coef(s_ptr, o_ptr, xs_ptr, tl.minimum(kt + 1, n_kt - 1) * GT, g_rows, rt, mask_n, mask_t,
+                               n_groups, MAGIC, XS)
         for u in tl.static_range(BLOCK_K // U):
             ku = kt * BLOCK_K + u * U
             b = tl.load(w_rows + ku // 4, mask=mask_n[:, None], other=0)  # [BN, P] int16
@@ -126,21 +147,35 @@ def int4_kernel(x_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, 
                 q0, q1, q2, q3 = _unpack_asm(b, MAGIC)  # [BN, P] each: MAGIC + q of columns ku + j P + c
             else:
                 q0, q1, q2, q3 = _unpack_int(b, MAGIC, WT)
-            x0 = tl.load(x_rows + ku, mask=mask_t[:, None], other=0.0)  # [BT, P]
-            x1 = tl.load(x_rows + (ku + P), mask=mask_t[:, None], other=0.0)
-            x2 = tl.load(x_rows + (ku + 2 * P), mask=mask_t[:, None], other=0.0)
-            x3 = tl.load(x_rows + (ku + 3 * P), mask=mask_t[:, None], other=0.0)
-            zero = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
-            xs01 = tl.sum(x0.to(tl.float32) + x1.to(tl.float32), axis=1)  # [BT]
-            xs23 = tl.sum(x2.to(tl.float32) + x3.to(tl.float32), axis=1)
-            acc01 = _dot(_dot(zero, q0, x0, DOT_IEEE), q1, x1, DOT_IEEE)  # [BN, BT]
-            if GROUP == 32:  # parts 0, 1: group 2u; parts 2, 3: group 2u + 1
-                acc = _affine(acc, acc01, xs01, s_ptr, o_ptr, g_rows + ku // GROUP, mask_n, MAGIC)
-                acc23 = _dot(_dot(zero, q2, x2, DOT_IEEE), q3, x3, DOT_IEEE)
-                acc = _affine(acc, acc23, xs23, s_ptr, o_ptr, g_rows + ku // GROUP + 1, mask_n, MAGIC)
-            else:
-                accg = _dot(_dot(acc01, q2, x2, DOT_IEEE), q3, x3, DOT_IEEE)
-                acc = _affine(acc, accg, xs01 + xs23, s_ptr, o_ptr, g_rows + ku // GROUP, mask_n, MAGIC)
+            for h in tl.static_range(H):
+                if H == 1:
+                    qa = _cat(_cat(q0, q1), _cat(q2, q3))  # [BN, U]: columns ku .. ku + U in order
+                elif h == 0:
+                    qa = _cat(q0, q1)  # [BN, 32]: group 2u
+                else:
+                    qa = _cat(q2, q3)  # group 2u + 1
+                xt = tl.load(xt_cols + (ku + h * GROUP), mask=mask_t[None, :], other=0.0)  # [G, BT]
+                if DOT_IEEE:
+                    accg = tl.dot(qa, xt.to(tl.float32), input_precision="ieee")  # [BN, BT]
+                else:
+                    accg = tl.dot(qa, xt)
+                if u == 0 and h == 0:
+                    s, c, xs = s_c, c_c, xs_c
+                else:
+                    s, c, xs = _coef(s_ptr, o_ptr, xs_ptr, ku // GROUP + h, g_rows, rt, mask_n, mask_t, n_groups,
+                                     MAGIC, XS)
+                if XS == 0:
+                    xs = tl.sum(xt.to(tl.float32), axis=0)  # [BT]
+                if XS == 2:
+                    ones = tl.full(qa.shape, 1.0, qa.dtype)
+                    if DOT_IEEE:
+                        xsb = tl.dot(ones, xt.to(tl.float32), input_precision="ieee")  # [BN, BT], rows = sum x
+                    else:
+                        xsb = tl.dot(ones, xt)
+                    acc += accg * s[:, None] + c[:, None] * xsb
+                else:
+                    acc += accg * s[:, None] + c[:, None] * xs[None, :]
+        s_c, c_c, xs_c = s_n, c_n, xs_n
     mask_out = mask_n[:, None] & mask_t[None, :]
     out_off = rt64[None, :] * N + rn[:, None]  # [BN, BT]
     if not USE_SPLIT:

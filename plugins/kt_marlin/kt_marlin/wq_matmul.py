@@ -103,7 +103,9 @@ def _split(tiles: int, k_tiles: int, waves: float, sms: int, max_split: int = 32
 # Config table for int4: (shape class, token bucket) -> tile config. Entries: BLOCK_T (tokens
 # per program, >= 16: the dot's N), BLOCK_N (weight rows per program: the dot's M), BLOCK_K (a
 # target: the largest unit * 2^i <= it dividing K), WAVES (split K until tiles * split >=
-# WAVES * SMs; 0: never), num_warps, num_stages (software pipelining: cp.async buffers).
+# WAVES * SMs; 0: never), num_warps, num_stages (software pipelining: cp.async buffers), XS
+# (how the kernel gets each group's sum of x: 0 sums its x tile, 1 reads them from a
+# ``[T, K/G]`` fp32 tensor torch computes before the launch, 2 a tensor-core dot with ones).
 # bench/sweep_gemv.py measures candidates on the GPU and writes {"table": {...}} with keys
 # "<shape class>|<token bucket>"; copy that file to kt_marlin/gemv_table.json (or point
 # $KT_MARLIN_GEMV_TABLE at it) and choose_config uses it.
@@ -123,14 +125,14 @@ def t_bucket(t: int) -> str:
     return next(name for lim, name in T_BUCKETS if lim is None or t <= lim)
 
 
-def _entry(bt, bn, bk, waves, warps, stages) -> dict:
-    return dict(BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk, WAVES=waves, num_warps=warps, num_stages=stages)
+def _entry(bt, bn, bk, waves, warps, stages, xs=0) -> dict:
+    return dict(BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk, WAVES=waves, num_warps=warps, num_stages=stages, XS=xs)
 
 
 #: Built-in entries, the same for every shape class (the split-K rule adapts them to N): for
 #: 1-16 tokens the tile that won most classes of an H200 sweep; above that untimed guesses.
 _BY_T = {
-    "16": _entry(16, 64, 128, 4, 4, 3),
+    "16": _entry(16, 64, 128, 4, 4, 3, 2),
     "64": _entry(64, 64, 256, 1, 4, 3),
     "prefill": _entry(64, 64, 256, 0, 4, 3),
 }
@@ -161,7 +163,7 @@ def resolve(entry: dict, t: int, n: int, k: int, group: int, device: torch.devic
     tiles = triton.cdiv(n, entry["BLOCK_N"]) * triton.cdiv(t, bt)
     split = _split(tiles, k // bk, entry["WAVES"], _sms(device)) if entry["WAVES"] else 1
     return dict(BLOCK_T=bt, BLOCK_N=entry["BLOCK_N"], BLOCK_K=bk, SPLIT_K=split,
-                num_warps=entry["num_warps"], num_stages=entry["num_stages"])
+                num_warps=entry["num_warps"], num_stages=entry["num_stages"], XS=entry.get("XS", 0))
 
 
 def int8_config(t: int, n: int, k: int, group: int, device: torch.device) -> dict:
@@ -212,8 +214,11 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets
             raise ValueError("wq_matmul: int4 weights must be in the int16 mma layout (packing.to_mma)")
         cnt = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=x.device) if split > 1 else out
         asm = cfg.pop("ASM", x.device.type == "cuda")
+        cfg.setdefault("XS", 0)
+        # XS 1: each group's sum of x, [T, K/G] fp32, for the kernel's offset term
+        xs = x.unflatten(1, (k // group, group)).sum(-1, dtype=torch.float32) if cfg["XS"] == 1 else scales
         with torch.device(x.device):
-            int4_kernel[grid](x, qweight, scales, offsets, b, out, part, cnt, t, n, k, k // 4, x.stride(0), split,
+            int4_kernel[grid](x, xs, qweight, scales, offsets, b, out, part, cnt, t, n, k, k // 4, x.stride(0), split,
                               GROUP=group, MAGIC=1024 if x.dtype == torch.float16 else 128, ASM=asm and not dot_ieee,
                               DOT_IEEE=dot_ieee, HAS_BIAS=bias is not None, USE_SPLIT=split > 1, **cfg)
         return out

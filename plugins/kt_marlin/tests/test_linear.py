@@ -209,8 +209,9 @@ def test_mma_layout():
 @pytest.mark.parametrize("t", [1, 3, 17])
 def test_int4_kernel_groups_and_split_k(group, t, device):
     """The int4 kernel against the fp64 product for every group, without and with split-K (the
-    last program of a tile adds the partials in a fixed order, bias included): equal up to
-    fp32 reordering, and a split result repeats bit for bit."""
+    last program of a tile adds the partials in a fixed order, bias included; a split of
+    three over four K tiles leaves one program empty) and each way of summing x per group
+    (XS 0/1/2): equal up to fp32 reordering, and a split result repeats bit for bit."""
     from kt_marlin.packing import quantize_dense, to_mma, unpack
 
     n, k = 21, 1024
@@ -221,11 +222,13 @@ def test_int4_kernel_groups_and_split_k(group, t, device):
     x = torch.randn(t, k, generator=gen).to(device)
     ref = _reference(unpack(p), bias.cpu(), x.cpu())
     base = dict(BLOCK_T=16, BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=1)
-    ys = [launch(x, qw, s, o, bias, 4, group, dict(base, SPLIT_K=split)).cpu() for split in (1, 3, 4)]
+    # (split, XS): the groups' x sums from the kernel's x tile, from torch, from a dot with ones
+    runs = [(1, 0), (3, 0), (4, 0), (3, 1), (4, 2)]
+    ys = [launch(x, qw, s, o, bias, 4, group, dict(base, SPLIT_K=split, XS=xs)).cpu() for split, xs in runs]
     for y in ys:
         _close(y, ref, torch.float32)
-    again = launch(x, qw, s, o, bias, 4, group, dict(base, SPLIT_K=3)).cpu()
-    assert torch.equal(again, ys[1])
+    again = launch(x, qw, s, o, bias, 4, group, dict(base, SPLIT_K=3, XS=1)).cpu()
+    assert torch.equal(again, ys[3])
 
 
 @pytest.mark.cuda
@@ -242,10 +245,11 @@ def test_int4_asm_unpack_gpu(dtype, group, t):
     qw, s, o = (v.cuda() for v in (p.qweight, p.scales, p.offsets))
     x = torch.randn(t, k, device="cuda").to(dtype)
     cfg = dict(BLOCK_T=16 if t <= 16 else 64, BLOCK_N=64, BLOCK_K=256, SPLIT_K=2, num_warps=4, num_stages=2)
-    y_asm = launch(x, qw, s, o, None, 4, group, dict(cfg, ASM=True))
-    y_int = launch(x, qw, s, o, None, 4, group, dict(cfg, ASM=False))
-    assert torch.equal(y_asm, y_int)
-    _close(y_asm.cpu(), _reference(unpack(p), None, x.cpu()), dtype)
+    for xs in (0, 1, 2):
+        y_asm = launch(x, qw, s, o, None, 4, group, dict(cfg, ASM=True, XS=xs))
+        y_int = launch(x, qw, s, o, None, 4, group, dict(cfg, ASM=False, XS=xs))
+        assert torch.equal(y_asm, y_int)
+        _close(y_asm.cpu(), _reference(unpack(p), None, x.cpu()), dtype)
 
 
 def test_config_table_resolves():
