@@ -5,7 +5,7 @@ shapes, on the GPU host, in one command (about 1-2 minutes):
 
 For each shape class of ``wq_matmul.shape_class`` (N and K buckets) and each token bucket of
 ``wq_matmul.t_bucket`` (default T 1 and 16, both in the bucket "16": the kernel pads 1-16
-tokens to one 16-column dot), stage 1 times tile candidates (BLOCK_N, BLOCK_K, warps; the
+tokens to one 16-column dot), stage 1 times tile candidates (BLOCK_N, BLOCK_K, warps, XS; the
 current table entry too) on every benchmark shape of the class and T of the bucket; stage 2 varies split-K (``WAVES``: programs per SM asked of the
 split), stage 3 ``num_stages`` of the best. Every result is checked against torch (fp64 on
 the dequantised weight) before it is timed; a wrong candidate is reported and never chosen.
