@@ -2,8 +2,8 @@
  *
  * Tiles of RM = 4 weight rows x RN = 4 tokens (K types: 1 row x 8 tokens), one zmm accumulator
  * each. With one token the quantised types Q4_0..Q8_0, Q4_K and Q6_K run gemv_<name> (one row at
- * a time, every 4 rows reduced together; Q4_K/Q6_K with a cheaper block dot, see "K types, one
- * token"); the float types, Q2_K, Q3_K and Q5_K walk 1 x 1 tiles (kernels.c).
+ * a time, every 4 rows reduced together; Q8_0 in groups of 8 blocks, see "Q8_0, one token";
+ * Q4_K/Q6_K with a cheaper block dot, see "K types, one token"); the float types, Q2_K, Q3_K and Q5_K walk 1 x 1 tiles (kernels.c).
  *  - float types: 16 weights per step converted to fp32 (F16 vcvtph2ps, BF16 a shift), FMA.
  *  - 32-element types: two blocks per zmm; codes decoded to unsigned bytes in element order,
  *    vpdpbusd with the int8 activations; the code offset (8, 16, or 128 for Q8_0, whose int8
@@ -63,12 +63,17 @@ KTL_INLINE __m512i idx_const(const int16_t *v) { return _mm512_loadu_si512((cons
 
 /* ---------------------------------------------------------------- activation quantisation */
 
+/* lane 4L + j of the result: the sum of lanes 4L..4L+3 of a_j (the 128-bit lane L of each) */
+KTL_INLINE __m512i sum4_lanes_epi32(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
+    __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1)); /* a0 a1 a0 a1 */
+    __m512i s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
+    return _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
+}
+
 /* the sums of 4 zmm of int32 -> one xmm [sum a0, sum a1, sum a2, sum a3] (one transposing
  * reduction instead of 4 horizontal ones) */
 KTL_INLINE __m128i reduce4_epi32(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
-    __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(a0, a1), _mm512_unpackhi_epi32(a0, a1)); /* a0 a1 a0 a1 */
-    __m512i s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(a2, a3), _mm512_unpackhi_epi32(a2, a3));
-    __m512i s = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
+    __m512i s = sum4_lanes_epi32(a0, a1, a2, a3);
     __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(s), _mm512_extracti64x4_epi64(s, 1));
     return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
@@ -330,14 +335,85 @@ KTL_INLINE void token_pair(const ktl_gemm_args *a, const uint8_t *x, int64_t p, 
         acc[0][0] = _mm512_setzero_ps();                                                           \
         sums_##name(a, w, &x, 1, 1, acc);                                                          \
         return acc[0][0];                                                                          \
-    }                                                                                              \
-    DEFINE_GEMV_ROWS(name)
+    }
 
 DEFINE_TILE32(q4_0, 18, 3, 0)
 DEFINE_TILE32(q4_1, 20, 0, 1)
 DEFINE_TILE32(q5_0, 22, 4, 0)
 DEFINE_TILE32(q5_1, 24, 0, 1)
 DEFINE_TILE32(q8_0, 34, 7, 0)
+DEFINE_GEMV_ROWS(q4_0)
+DEFINE_GEMV_ROWS(q4_1)
+DEFINE_GEMV_ROWS(q5_0)
+DEFINE_GEMV_ROWS(q5_1)
+
+/* ---------------------------------------------------------------- Q8_0, one token (GEMV) */
+
+/* Q8_0 with one token walks groups of 8 blocks (256 values, 272 bytes): zmm j of a group holds
+ * the codes of blocks 2j and 2j+1 (flipped to unsigned), one vpdpbusd each with the
+ * activations; the four dot vectors are reduced to one (sum4_lanes_epi32: lane 4L + j holds
+ * block 2j + L/2), which takes the offset correction (-128 * block sum, one vector per group,
+ * built once per call instead of per row and pair as in row1_q8_0) and one fp32 FMA with
+ * d_w * d_x (the group's 8 fp16 d converted at once, times the token's 8 d_x, spread to the
+ * reduced lanes; the 8 d gathered in two GPRs). The pair tile (row1_q8_0) rebuilt the token's
+ * d_x and block-sum vectors for every row and pair, converted one pair's d at a time and
+ * scaled every pair (bench_gemv.py one-thread GB/s on the 2-core EPYC VM: 28.3 / 27.0 before,
+ * 45.0 / 46.6 after, gate_up / down). Rows longer than Q8_GROUPS_MAX groups (the corrections live on the stack), and the last
+ * k % 256 values, go through the pair tile (sums_q8_0). */
+#define Q8_GROUPS_MAX 128
+
+KTL_INLINE __m512 row_groups_q8_0(const uint8_t *w, const int8_t *xq, const float *dx, const __m512i *corr, int64_t ng) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80), z = _mm512_setzero_si512();
+    const __m512i lane_block = _mm512_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6, 1, 3, 5, 7, 1, 3, 5, 7);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *b = w + 272 * g;
+        PREFETCH_SPAN(b, 272);
+        __m512i d[4];
+        for (int j = 0; j < 4; j++) {
+            const uint8_t *q = b + 68 * j + Q8_0_QS;
+            __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)q)),
+                                           _mm256_loadu_si256((const __m256i *)(q + 34)), 1);
+            d[j] = _mm512_dpbusd_epi32(z, _mm512_xor_si512(v, flip), _mm512_load_si512((const void *)(xq + 256 * g + 64 * j)));
+        }
+        __m512i isum = _mm512_add_epi32(sum4_lanes_epi32(d[0], d[1], d[2], d[3]), corr[g]);
+        uint64_t h0 = 0, h1 = 0;
+        for (int i = 0; i < 4; i++) {
+            h0 |= (uint64_t)ktl_ld16(b + 34 * i) << (16 * i);
+            h1 |= (uint64_t)ktl_ld16(b + 34 * (i + 4)) << (16 * i);
+            __asm__("" : "+r"(h0), "+r"(h1)); /* keep them in GPRs (vectorised, they took ~10 shuffles) */
+        }
+        __m256 sc = _mm256_mul_ps(_mm256_cvtph_ps(_mm_set_epi64x((long long)h1, (long long)h0)), _mm256_loadu_ps(dx + 8 * g));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_permutexvar_ps(lane_block, _mm512_castps256_ps512(sc)), acc);
+    }
+    return acc;
+}
+
+static void gemv_q8_0(const ktl_gemm_args *args, int64_t r0, int64_t r1) {
+    ktl_gemm_args tail = *args; /* the values after the groups, by the pair tile */
+    const uint8_t *x = act_row(args, 0);
+    const float *dx = (const float *)(x + args->lay.d_off);
+    const int32_t *s = (const int32_t *)(x + args->lay.s_off);
+    int64_t ng = args->k / 256 <= Q8_GROUPS_MAX ? args->k / 256 : 0;
+    __m512i corr[Q8_GROUPS_MAX]; /* [ng]: -128 * sum of block 2j in lane j, of block 2j+1 in lane 8+j */
+    const __m512i sum_idx = _mm512_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0, 1, 3, 5, 7, 0, 0, 0, 0);
+    for (int64_t g = 0; g < ng; g++) {
+        __m512i v = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(s + 8 * g)));
+        corr[g] = _mm512_maskz_permutexvar_epi32(0x0f0f, sum_idx, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(v, 7)));
+    }
+    tail.k0 = 256 * ng;
+    tail.k1 = args->k;
+    for (int64_t r = r0; r < r1; r += 4) {
+        int rm = r1 - r < 4 ? (int)(r1 - r) : 4;
+        __m512 acc[4][RN];
+        for (int i = 0; i < 4; i++) {
+            const uint8_t *w = args->w + (r + i) * args->row_bytes;
+            acc[i][0] = i < rm ? row_groups_q8_0(w, (const int8_t *)x, dx, corr, ng) : _mm512_setzero_ps();
+            if (i < rm && tail.k0 < tail.k1) sums_q8_0(&tail, w, &x, 1, 1, &acc[i]);
+        }
+        store_row_sums(args, r, rm, reduce4_ps(acc[0][0], acc[1][0], acc[2][0], acc[3][0]));
+    }
+}
 
 /* ---------------------------------------------------------------- K types */
 

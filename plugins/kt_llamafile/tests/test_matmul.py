@@ -27,12 +27,15 @@ def test_matmul_matches_dequantised_reference(qtype, tokens):
         assert_matmul_close(x, w, qtype, y)
 
 
-@pytest.mark.parametrize("qtype,k", [("Q4_K", 7168), ("Q4_K", 256 * 23), ("Q8_0", 7168 + 32), ("Q4_1", 4096 + 96), ("Q6_K", 7168),
+@pytest.mark.parametrize("qtype,k", [("Q4_K", 7168), ("Q4_K", 256 * 23), ("Q8_0", 7168 + 32), ("Q8_0", 256 * 3 + 96),
+                                     ("Q8_0", 256 * 129), ("Q4_1", 4096 + 96), ("Q6_K", 7168),
                                      ("BF16", 7168), ("F32", 5000 + 7), ("F16", 4096 + 9)])
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_long_rows(qtype, k, tokens):
     """Long rows; with one token the kernels sum them in parts (k_chunk in csrc/kernels.c), and
-    AVX-512 Q4_K decodes the heads of 16 blocks at a time, four per zmm (23 blocks: 16 + 4 + 3)."""
+    AVX-512 Q4_K decodes the heads of 16 blocks at a time, four per zmm (23 blocks: 16 + 4 + 3);
+    AVX-512 Q8_0 walks groups of 8 blocks, the rest (a pair, an odd block) and rows of more than
+    128 groups by the pair tile."""
     rng = np.random.default_rng(3)
     w = random_weight(qtype, 67, k, rng)
     x = torch.from_numpy(rng.standard_normal((tokens, k)).astype(np.float32))
