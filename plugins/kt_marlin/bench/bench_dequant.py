@@ -12,12 +12,11 @@ follows, each point checked against the default config's output. Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
-from bench_linear import graph_time, hbm_ceiling  # same directory: the shared timing helpers
+from bench_linear import graph_time, hbm_ceiling, new_result, result_writer  # same directory: the shared helpers
 
 N = K = 7168
 TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
@@ -74,21 +73,11 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=120.0, help="seconds; the sweep stops past it")
     parser.add_argument("--no-sweep", action="store_true")
     args = parser.parse_args()
-    import triton
-
     from kt_marlin.dequant import KQUANT_CONFIG, launch
 
     began = time.time()
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "shape": [N, K]}
-
-    def save():
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        if args.md:
-            with open(args.md, "w") as f:
-                f.write(render(result))
-
+    result = new_result(shape=[N, K])
+    save = result_writer(result, args.out, args.md, render)
     result["hbm_copy"] = hbm_ceiling()
     gbps = result["hbm_copy"]["GBps"] * 1e9
     result["dequant_bf16"], result["sweep"] = [], []

@@ -90,6 +90,28 @@ def hbm_ceiling() -> dict:
     return {"bytes": 2 * n, "seconds": t, "GBps": 2 * n / t / 1e9}
 
 
+def new_result(**fields) -> dict:
+    """A benchmark's result record: the device and software versions, then ``fields``."""
+    import triton
+
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            **fields}
+
+
+def result_writer(result: dict, out: str, md: str | None, render):
+    """``save()``: writes ``result`` as JSON to ``out`` and, with ``md``, ``render(result)`` there
+    (called as a benchmark goes, so a run cut short keeps what it measured)."""
+
+    def save() -> None:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+        if md:
+            with open(md, "w") as f:
+                f.write(render(result))
+
+    return save
+
+
 def int4_copies(n: int, k: int, group: int = GROUP):
     """Random int4 weights in the mma layout (int16 ``[n, k/4]``, fp16 scales/offsets), as many
     distinct copies as stream ``L2_FOOTPRINT`` bytes (at most 64), and the bytes of one."""
@@ -140,22 +162,12 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=150.0, help="seconds; later shapes are skipped past it")
     args = parser.parse_args()
     began = time.time()
-    import triton
-
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "group": GROUP}
-
-    def save():
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        if args.md:
-            with open(args.md, "w") as f:
-                f.write(render(result))
-
+    result = new_result(group=GROUP)
+    save = result_writer(result, args.out, args.md, render)
     ceiling = hbm_ceiling()
     result["hbm_copy"] = ceiling
     gbps = ceiling["GBps"] * 1e9
-    print(f"# {result['device']}, triton {triton.__version__}: copy ceiling {ceiling['GBps']:.0f} GB/s", flush=True)
+    print(f"# {result['device']}, triton {result['triton']}: copy ceiling {ceiling['GBps']:.0f} GB/s", flush=True)
     print("| shape | N | K | T | int4 µs | GB/s | of copy | bf16 µs | speed-up |", flush=True)
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
     save()

@@ -25,13 +25,12 @@ call's launch and tail latency (a few µs for two kernels) are in its time. Usag
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 
 import torch
 
-from bench_linear import graph_time, hbm_ceiling  # same directory: the shared timing helpers
+from bench_linear import graph_time, hbm_ceiling, new_result, result_writer  # same directory: the shared helpers
 
 HEADS, RANK, ROPE, NOPE, V = 128, 512, 64, 128, 128
 SOFTMAX_SCALE = (NOPE + ROPE) ** -0.5
@@ -178,20 +177,11 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=300.0, help="seconds; later cases/sweeps are skipped past it")
     parser.add_argument("--no-sweep", action="store_true")
     args = parser.parse_args()
-    import triton
-
-
     began = time.time()
     deadline = began + args.budget
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "shape": {"heads": HEADS, "kv_lora_rank": RANK, "rope": ROPE, "nope": NOPE, "v": V, "dtype": "bf16"}}
-
-    def save():
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        if args.md:
-            with open(args.md, "w") as f:
-                f.write(render(result))
+    result = new_result(shape={"heads": HEADS, "kv_lora_rank": RANK, "rope": ROPE, "nope": NOPE, "v": V,
+                               "dtype": "bf16"})
+    save = result_writer(result, args.out, args.md, render)
 
     ceiling = hbm_ceiling()
     result["hbm_copy"] = ceiling
