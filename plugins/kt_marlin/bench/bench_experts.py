@@ -13,8 +13,8 @@ Weights are random tensors built in place on the GPU (a DeepSeek-V3 layer is 22.
 holds ``CALLS`` calls with different random routings (top-k without repeats, like a router),
 so consecutive calls touch mostly different experts and the weights come from HBM.
 
-A small int4 tile sweep (``BLOCK_M`` 1 or 16, ``BLOCK_N`` 16-64, ``BLOCK_K`` 128/256, 8 warps)
-at T = 1 and 16 shows what the heuristic of ``fused_moe.choose_config`` leaves on the table.
+An int4 tile sweep (``BLOCK_M`` 1, and 16 at T = 16; ``BLOCK_N`` 16-128, ``BLOCK_K`` 128-512, 4 or
+8 warps) at T = 1 and 16 shows what the heuristic of ``fused_moe.choose_config`` leaves on the table.
 
 Usage: ``python bench_experts.py --out results.json`` on the GPU host (then ``report.py``);
 ``TRITON_INTERPRET=1 python bench_experts.py --smoke --out x.json`` runs a tiny shape on CPU
@@ -24,6 +24,7 @@ tensors in Triton's interpreter (wall-clock timings, only to check that it runs)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -125,16 +126,15 @@ def bench_shape(model: str, H: int, I: int, E: int, K: int, fmt: str, device: st
               f"{nbytes / seconds / 1e9:7.0f} GB/s  {rows[-1]['fraction_of_copy']:.2f} of copy", flush=True)
         if T not in sweep_tokens:
             continue
-        for bm in (1, 16):
-            for bn in (16, 32, 64):
-                for bk in (128, 256):
-                    if time.time() > deadline:
-                        break
-                    cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K_UP": block_k(H, w["bits"], w["group13"], bk),
-                           "BLOCK_K_DOWN": block_k(I, w["bits"], w["group2"], bk), "num_warps": 8}
-                    s = run(cfg)
-                    sweep.append({"case": f"{model} {fmt} T={T}", "config": cfg, "ms": s * 1e3,
-                                  "fraction_of_copy": nbytes / s / ceiling})
+        for bm, bn, bk, warps in itertools.product((1, 16) if T > 1 else (1,), (16, 32, 64, 128), (128, 256, 512),
+                                                   (4, 8)):
+            if time.time() > deadline:
+                break
+            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K_UP": block_k(H, w["bits"], w["group13"], bk),
+                   "BLOCK_K_DOWN": block_k(I, w["bits"], w["group2"], bk), "num_warps": warps}
+            s = run(cfg)
+            sweep.append({"case": f"{model} {fmt} T={T}", "config": cfg, "ms": s * 1e3,
+                          "fraction_of_copy": nbytes / s / ceiling})
     return rows, sweep
 
 
