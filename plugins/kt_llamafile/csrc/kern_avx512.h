@@ -644,6 +644,16 @@ typedef struct {
     float d;
 } kdec1; /* a decoded Q6_K block (row1_q6_k) */
 
+/* One token's block dot of the one-row paths: the 256 codes q (unsigned, in the activations'
+ * order) times the block's 8-bit activations, the 4 dot vectors packed pairwise to int16 and
+ * multiplied by the int16 scale vectors sc0 (of pack(D0, D1)) and sc1 (of pack(D2, D3)). */
+KTL_INLINE __m512i kdot1(const __m512i q[4], const int8_t *xq, __m512i sc0, __m512i sc1) {
+    __m512i z = _mm512_setzero_si512(), d[4];
+    for (int c = 0; c < 4; c++) d[c] = _mm512_dpbusd_epi32(z, q[c], _mm512_loadu_si512((const void *)(xq + 64 * c)));
+    __m512i isum = _mm512_dpwssd_epi32(z, _mm512_packs_epi32(d[0], d[1]), sc0);
+    return _mm512_dpwssd_epi32(isum, _mm512_packs_epi32(d[2], d[3]), sc1);
+}
+
 /* Q4_K (Q8_KP order): D0 holds groups 0 (lanes 0-7) and 2, D1 groups 1 and 3, D2 4 and 6, D3 5
  * and 7: lanes 0-1 of pack(D0, D1) want sc0 x4 sc1 x4, lanes 2-3 sc2 x4 sc3 x4 (zero-extended
  * bytes of k4_scales_simd) */
@@ -699,12 +709,10 @@ KTL_INLINE __m512 row1_q4_k(const ktl_gemm_args *a, const uint8_t *w, const uint
             int64_t b = b0 + i;
             const int8_t *xq = (const int8_t *)x + KTL_QKK * b;
             PREFETCH_SPAN(w + 144 * b, 144);
-            __m512i q[4], d[4], z = _mm512_setzero_si512();
+            __m512i q[4];
             k4_nibbles(w + 144 * b + Q4_K_QS, q);
-            for (int c = 0; c < 4; c++) d[c] = _mm512_dpbusd_epi32(z, q[c], _mm512_loadu_si512((const void *)(xq + 64 * c)));
             __m512i r = _mm512_broadcast_i32x4(_mm_load_si128((const __m128i *)sc[i]));
-            __m512i isum = _mm512_dpwssd_epi32(z, _mm512_packs_epi32(d[0], d[1]), _mm512_shuffle_epi8(r, ctrl0));
-            isum = _mm512_dpwssd_epi32(isum, _mm512_packs_epi32(d[2], d[3]), _mm512_shuffle_epi8(r, ctrl1));
+            __m512i isum = kdot1(q, xq, _mm512_shuffle_epi8(r, ctrl0), _mm512_shuffle_epi8(r, ctrl1));
             __m256i corr = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(bs + 16 * b)),
                                              _mm256_shuffle_epi8(_mm512_castsi512_si256(r), min_ctrl));
             acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(dd[i][0]), acc);
@@ -746,10 +754,7 @@ KTL_INLINE __m512 row1_q6_k(const ktl_gemm_args *a, const uint8_t *w, const uint
         const int8_t *xq = (const int8_t *)x + KTL_QKK * b;
         PREFETCH_SPAN(w + 210 * b, 210);
         kdec1_q6_k(w + 210 * b, &dw);
-        __m512i z = _mm512_setzero_si512(), d[4];
-        for (int c = 0; c < 4; c++) d[c] = _mm512_dpbusd_epi32(z, dw.q[c], _mm512_loadu_si512((const void *)(xq + 64 * c)));
-        __m512i isum = _mm512_dpwssd_epi32(z, _mm512_packs_epi32(d[0], d[1]), dw.sc[0]);
-        isum = _mm512_dpwssd_epi32(isum, _mm512_packs_epi32(d[2], d[3]), dw.sc[1]);
+        __m512i isum = kdot1(dw.q, xq, dw.sc[0], dw.sc[1]);
         __m256i corr = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *)(bs + 16 * b)), dw.corr);
         isum = _mm512_sub_epi32(isum, _mm512_zextsi256_si512(corr)); /* the offset 32 */
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(dw.d * dx[b]), acc);
