@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ktcore.ops.base import Operator
-from ktcore.ops.linear import LinearSpec, TorchLinear, check_options, dense_dtype, dtype_option
+from ktcore.ops.linear import LinearSpec, TorchLinear, check_options, dense_dtype, dense_linear, dtype_option
 from ktcore.ops.rmsnorm import RMSNorm, load_submodule_weights
 from ktcore.ops.rope import RopeSpec, TorchRope, rope_spec_from_config
 from ktcore.ops.static_cache import StaticCache, visible_slots
@@ -226,7 +225,7 @@ class GQAAttention(Operator):
         nKV, D = s.num_kv_heads, s.head_dim
         w = self.qkv_weight  # [(nH + 2 nKV) D, H]
         if w is not None:
-            qkv = F.linear(x.to(w.dtype), w, self.qkv_bias).to(x.dtype)  # [B, T, (nH + 2 nKV) D]
+            qkv = dense_linear(x.to(w.dtype), w, self.qkv_bias).to(x.dtype)  # [B, T, (nH + 2 nKV) D]
             q, k, v = qkv.split((s.num_heads * D, nKV * D, nKV * D), dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)

@@ -3,7 +3,9 @@
 ``Linear`` is the interface every linear backend implements (weight names, shapes, forward
 contract); ``TorchLinear`` is the pure-torch reference backend, the correctness oracle for
 the others. It dequantises any weight source once at load (GGUF through ``gguf.quants``) and
-runs ``F.linear`` in the weight dtype.
+runs ``dense_linear`` in the weight dtype: ``F.linear``, except for a single row on CUDA (a
+decode step), which goes to the Triton GEMV of ``ktcore.ops.decode_gemv`` (one launch, no
+split-K; ``KTCORE_DECODE_GEMV=0`` turns it off).
 
 The small dtype helpers at the bottom (``dtype_option``, ``dense_dtype``) are shared by the
 other torch reference backends (``ktcore.ops.experts``), which take the same ``dtype`` option.
@@ -12,6 +14,7 @@ other torch reference backends (``ktcore.ops.experts``), which take the same ``d
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -113,12 +116,24 @@ class TorchLinear(Linear):
         if self.weight is None:
             raise RuntimeError(f"{type(self).__name__}: call load_weights() before forward()")
         w = self.weight  # [out, in]
-        y = F.linear(x.to(w.dtype), w, self.bias)  # [..., out] in the weight dtype
+        y = dense_linear(x.to(w.dtype), w, self.bias)  # [..., out] in the weight dtype
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         dtype = None if self.weight is None else self.weight.dtype
         return f"{super().extra_repr()}, dtype={dtype}"
+
+
+def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` for x [..., in] in w's dtype; one row of x on CUDA with a
+    contiguous bf16/fp16 w goes to ``torch.ops.ktcore.decode_gemv`` (the module docstring)."""
+    if (x.is_cuda and x.numel() == w.shape[-1] and w.dtype in (torch.bfloat16, torch.float16)
+            and w.is_contiguous() and os.environ.get("KTCORE_DECODE_GEMV", "1") != "0"):
+        from ktcore.ops import decode_gemv  # noqa: F401  (imports triton; registers the op)
+
+        y = torch.ops.ktcore.decode_gemv(x.reshape(-1), w, bias)  # [out]
+        return y.reshape(*x.shape[:-1], w.shape[0])
+    return F.linear(x, w, bias)
 
 
 # --------------------------------------------------------------------------------------------

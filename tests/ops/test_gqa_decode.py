@@ -6,15 +6,11 @@ split counts; opcheck and torch.compile(fullgraph=True). On the GPU: long caches
 GQAAttention decode step, CUDA graph capture and inductor.
 
 Without a CUDA GPU the kernels run in Triton's interpreter on CPU tensors (small shapes): the
-``kernels`` fixture imports the kernel module with ``TRITON_INTERPRET=1``. Triton reads that
-variable when ``@triton.jit`` decorates a kernel, so it is set for that import alone and the
-rest of the test process is left as it was.
+``kernels`` fixture imports the kernel module with ``TRITON_INTERPRET=1`` (tests/ops/triton_modules.py).
 """
 
 from __future__ import annotations
 
-import importlib
-import os
 import subprocess
 import sys
 import zlib
@@ -27,6 +23,8 @@ pytest.importorskip("triton", reason="the GQA decode kernel needs triton (pip in
 from ktcore.ops import gqa  # noqa: E402
 from ktcore.ops.gqa import GQAAttention, GQASpec, KVCache, cache_attention  # noqa: E402
 from ktcore.ops.rope import RopeSpec  # noqa: E402
+
+from tests.ops.triton_modules import import_kernels  # noqa: E402
 
 #: max |kernel - torch path| / max |torch path| per query dtype. fp32: both accumulate in fp32
 #: in another order. bf16/fp16: the torch path rounds the scores, the scaled scores and the
@@ -47,23 +45,7 @@ def device() -> str:
 @pytest.fixture(scope="module")
 def kernels(device):
     """The module ``ktcore.ops.gqa_decode`` (registers ``torch.ops.ktcore.gqa_decode``)."""
-    if device == "cuda":
-        return importlib.import_module("ktcore.ops.gqa_decode")
-    already = "ktcore.ops.gqa_decode" in sys.modules
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        module = importlib.import_module("ktcore.ops.gqa_decode")
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(module._split_kernel, InterpretedFunction):
-        pytest.fail(f"ktcore.ops.gqa_decode was imported without TRITON_INTERPRET=1 (already imported: {already})")
-    return module
+    return import_kernels("ktcore.ops.gqa_decode", device, "_split_kernel")
 
 
 def generator(request) -> torch.Generator:
