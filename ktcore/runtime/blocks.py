@@ -110,11 +110,13 @@ class ExpertsParts(nn.Module):
         via_host = self._use_runners(x)
         tickets = []  # (ticket, runner handle) of the submitted CPU parts: ktcore.runtime.host_experts' ops
         if via_host:
-            # in the runners' types here, where torch.compile fuses the conversions into the
-            # kernels before (the submit op would run them as kernels of their own)
-            ids64, w32 = topk_ids.to(torch.int64), topk_weights.to(torch.float32)
-            tickets = [(torch.ops.ktcore.host_experts_submit(x.to(r.dtype), ids64, w32, r.handle), r.handle)
-                       for r in self.runners.values()]
+            # runners whose kernels store into the pinned buffers convert while storing; for the
+            # others, in the runners' types here, where torch.compile fuses the conversions into
+            # the kernels before (the submit op would run them as kernels of their own)
+            for r in self.runners.values():
+                args = (x, topk_ids, topk_weights) if r.mapped is not None else \
+                    (x.to(r.dtype), topk_ids.to(torch.int64), topk_weights.to(torch.float32))
+                tickets.append((torch.ops.ktcore.host_experts_submit(*args, r.handle), r.handle))
         streaming = {} if via_host else self._streaming(x)
         out = None
         for i, part in enumerate(self.parts):

@@ -199,12 +199,14 @@ class HostExpertsRunner:
         else:
             handle, ctx = int(stream or 0), contextlib.nullcontext()
         with ctx:
-            # conversions (when needed) are allocated and run on this stream, so their memory
-            # is not reused before the copies below (enqueued on the same stream) have read it
-            srcs = (x.to(self.dtype).contiguous(), topk_ids.to(torch.int64).contiguous(),
-                    topk_weights.to(torch.float32).contiguous())
-            if self.mapped is not None:
+            if self.mapped is not None:  # the kernel converts while it stores
+                srcs = tuple(t.contiguous() for t in (x, topk_ids, topk_weights))
                 mapped_copies.stage(*srcs, self.mapped["x"], self.mapped["ids"], self.mapped["w"])
+            else:
+                # conversions (when needed) are allocated and run on this stream, so their memory
+                # is not reused before the copies below (enqueued on the same stream) have read it
+                srcs = (x.to(self.dtype).contiguous(), topk_ids.to(torch.int64).contiguous(),
+                        topk_weights.to(torch.float32).contiguous())
         job = self.job(T)
         if self.mapped is None:
             for src, dst in zip(srcs, (self.x_pin, self.ids_pin, self.w_pin)):

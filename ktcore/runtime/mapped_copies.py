@@ -37,14 +37,17 @@ def _kernels():
 
     @triton.jit
     def stage(x_ptr, ids_ptr, w_ptr, x_out, ids_out, w_out, n_x, n_pairs, BLOCK: tl.constexpr):
-        """x [n_x] elements; ids and w [n_pairs] (program 0)."""
+        """x [n_x] elements; ids and w [n_pairs] (program 0); each converted to its buffer's type."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        tl.store(x_out + offs, tl.load(x_ptr + offs, mask=offs < n_x), mask=offs < n_x)
+        x = tl.load(x_ptr + offs, mask=offs < n_x)
+        tl.store(x_out + offs, x.to(x_out.dtype.element_ty), mask=offs < n_x)
         if tl.program_id(0) == 0:
             for p0 in range(0, n_pairs, BLOCK):
                 p = p0 + tl.arange(0, BLOCK)
-                tl.store(ids_out + p, tl.load(ids_ptr + p, mask=p < n_pairs), mask=p < n_pairs)
-                tl.store(w_out + p, tl.load(w_ptr + p, mask=p < n_pairs), mask=p < n_pairs)
+                ids = tl.load(ids_ptr + p, mask=p < n_pairs)
+                tl.store(ids_out + p, ids.to(ids_out.dtype.element_ty), mask=p < n_pairs)
+                w = tl.load(w_ptr + p, mask=p < n_pairs)
+                tl.store(w_out + p, w.to(w_out.dtype.element_ty), mask=p < n_pairs)
 
     @triton.jit
     def load(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
@@ -73,8 +76,8 @@ def mapped(t: torch.Tensor) -> _Mapped:
 
 def stage(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, x_pin: _Mapped, ids_pin: _Mapped,
           w_pin: _Mapped) -> None:
-    """Enqueues on the current stream: x, ids, w (contiguous CUDA tensors in the pinned
-    buffers' dtypes) into the pinned buffers' first elements."""
+    """Enqueues on the current stream: x, ids, w (contiguous CUDA tensors; ids int32 or int64,
+    x and w floating) into the pinned buffers' first elements, converted to their dtypes."""
     n_x = x.numel()
     kernel = _kernels()[0]
     kernel[(max(1, -(-n_x // _BLOCK)),)](x, ids, w, x_pin, ids_pin, w_pin, n_x, ids.numel(), BLOCK=_BLOCK)

@@ -49,3 +49,21 @@ def test_kernels_move_exact_values_eager_and_captured(T, H, K):
         assert torch.equal(pins["x"][:T], x.cpu()) and torch.equal(pins["ids"][:T], ids.cpu())
         assert torch.equal(pins["w"][:T], w.cpu()) and torch.equal(out.cpu(), y)
         assert pins["x"][T:].abs().sum() == 0  # nothing past the T rows
+
+
+@pytest.mark.cuda
+def test_stage_converts_to_the_buffers_types():
+    """int32 ids, bf16 weights and fp32 x (a router's outputs as they come) stored as int64,
+    fp32 and bf16: the values torch's conversions give."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    pins = {"x": torch.zeros(2, 300, dtype=torch.bfloat16, pin_memory=True),
+            "ids": torch.zeros(2, 6, dtype=torch.int64, pin_memory=True),
+            "w": torch.zeros(2, 6, dtype=torch.float32, pin_memory=True)}
+    x = torch.randn(2, 300, device="cuda", generator=gen)
+    ids = torch.randint(0, 1 << 30, (2, 6), device="cuda", generator=gen, dtype=torch.int32)
+    w = torch.rand(2, 6, device="cuda", generator=gen).to(torch.bfloat16)
+    mapped_copies.stage(x, ids, w, *(mapped_copies.mapped(pins[k]) for k in ("x", "ids", "w")))
+    torch.cuda.synchronize()
+    assert torch.equal(pins["x"], x.to(torch.bfloat16).cpu())
+    assert torch.equal(pins["ids"], ids.to(torch.int64).cpu())
+    assert torch.equal(pins["w"], w.float().cpu())
