@@ -139,11 +139,70 @@ def test_block_configs_agree(fmt, device):
     x = torch.randn(T, H)
     ref = _oracle(op)(x, ids, w)
     args = _op_args(op, x.to(device), ids.to(device), w.to(device))[:-1]
-    # int4 takes tl.dot for BLOCK_M >= 16 and BLOCK_K >= 128 (here gate/up), sums otherwise
-    for bm, bn, bk_up, bk_down in ((1, 16, 32, 64), (2, 32, 128, 32), (16, 32, 128, 64), (64, 64, 128, 64)):
+    # int4: a GEMV for BLOCK_M 1, tl.dot for BLOCK_M >= 16 (BLOCK_K: multiples of the layout unit 64)
+    for bm, bn, bk_up, bk_down in ((1, 16, 64, 64), (2, 32, 128, 64), (16, 32, 128, 64), (64, 64, 128, 64)):
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K_UP": bk_up, "BLOCK_K_DOWN": bk_down, "num_warps": 4}
+        if fmt == "int4" and bm == 2:
+            with pytest.raises(ValueError, match="BLOCK_M 1"):
+                launch(*args, "silu", config=cfg)
+            continue
         y = launch(*args, "silu", config=cfg).cpu()
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()), msg=str(cfg))
+    if fmt == "int4":  # BLOCK_K is a multiple of the layout unit (64: groups of 32, K a multiple of 64)
+        with pytest.raises(ValueError, match="multiple of 64"):
+            launch(*args, "silu", config={"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K_UP": 32, "BLOCK_K_DOWN": 32,
+                                          "num_warps": 4})
+
+
+@pytest.mark.parametrize("k,group,unit", [(96, 32, 32), (160, 32, 32), (128, 32, 64), (192, 64, 64), (256, 128, 128)])
+def test_int4_moe_layout(k, group, unit):
+    """``to_mma(fit=True)`` (the fused MoE's int4 layout) puts column ``u U + j U/4 + c`` in
+    nibble j of int16 element ``u U/4 + c`` with ``U = mma_unit(G, K)``: the group itself
+    when K is no multiple of 64; ``unpack`` reads it back exactly."""
+    from kt_marlin.packing import mma_unit, pack_int4, to_mma, unpack
+
+    assert mma_unit(group, k) == unit
+    n = 7
+    q = torch.randint(0, 16, (n, k))
+    s, o = torch.rand(n, k // group), torch.randn(n, k // group)
+    words = pack_int4(q, s, o, group)
+    mma = to_mma(words, fit=True)
+    assert mma.qweight.dtype == torch.int16 and mma.shape == (n, k)
+    e = mma.qweight.to(torch.int32) & 0xFFFF
+    for col in range(k):
+        u, r = divmod(col, unit)
+        j, c = divmod(r, unit // 4)
+        assert torch.equal((e[:, u * unit // 4 + c] >> (4 * j)) & 15, q[:, col].to(torch.int32)), col
+    assert torch.equal(unpack(mma), unpack(words))
+    if k % max(group, 64):
+        with pytest.raises(ValueError, match="multiple of 64"):
+            to_mma(words)  # MarlinLinear's strict form
+
+
+#: (H, I, group, BLOCK_K up, BLOCK_K down): layout units 32 (K an odd multiple of 32), 64 with two
+#: groups of 32 per unit, 64 and 128 with one group per unit; several K tiles where K allows.
+INT4_CASES = [(96, 160, 32, 32, 32), (128, 192, 32, 64, 64), (256, 192, 64, 128, 64), (256, 384, 128, 128, 128)]
+
+
+@pytest.mark.parametrize("H,I,group,bk_up,bk_down", INT4_CASES)
+@pytest.mark.parametrize("bm", [1, 16])
+def test_int4_paths_match_torch(H, I, group, bk_up, bk_down, bm, device):
+    """The int4 GEMV (BLOCK_M 1) and tl.dot (16) paths on every layout unit, with a token that
+    names one expert twice, the padding id and an owned subset, against the fp32 reference."""
+    from kt_marlin.packing import mma_unit
+
+    E, K, T = 5, 3, 4
+    spec = ExpertsSpec(E, H, I, K, owned=(0, 1, 3, 4))
+    op = _build(spec, device, {"format": "int4", "group_size": group}, _weights(E, H, I))
+    assert op.w13.dtype == torch.int16 and op.w13.shape == (4, 2 * I, H // 4) and op.w2.shape == (4, H, I // 4)
+    assert bk_up % mma_unit(group, H) == 0 and bk_down % mma_unit(group, I) == 0
+    ids, w = _routing(T, K, E)
+    x = torch.randn(T, H)
+    ref = _oracle(op)(x, ids, w)
+    cfg = {"BLOCK_M": bm, "BLOCK_N": 16 if bm == 1 else 32, "BLOCK_K_UP": bk_up, "BLOCK_K_DOWN": bk_down,
+           "num_warps": 4}
+    y = launch(*_op_args(op, x.to(device), ids.to(device), w.to(device))[:-1], "silu", config=cfg).cpu()
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
 @pytest.mark.parametrize("fmt,H,I", [("bf16", 100, 52), ("int4", 96, 224)])
@@ -323,6 +382,24 @@ def test_large_gpu(T, fmt, dtype):
     op = _build(spec, "cuda", {"format": fmt}, {k: v.cuda() for k, v in _weights(E, H, I).items()})
     ids, w = _routing(T, K, E)
     _check(op, torch.randn(T, H).to(dtype), ids, w, "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("H,I,group,bk_up,bk_down", INT4_CASES + [(2048, 768, 128, 512, 256)])
+@pytest.mark.parametrize("bm", [1, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_paths_gpu(H, I, group, bk_up, bk_down, bm, dtype):
+    """The int4 paths with the inline-PTX unpack (bf16 / fp16 dots), every layout unit."""
+    E, K, T = 6, 4, 5
+    spec = ExpertsSpec(E, H, I, K, owned=(0, 2, 3, 5))
+    op = _build(spec, "cuda", {"format": "int4", "group_size": group}, {k: v.cuda() for k, v in _weights(E, H, I).items()})
+    ids, w = _routing(T, K, E)
+    x = torch.randn(T, H).to(dtype)
+    ref = _oracle(op)(x.float(), ids, w).double()
+    cfg = {"BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K_UP": bk_up, "BLOCK_K_DOWN": bk_down, "num_warps": 4}
+    y = launch(*_op_args(op, x.cuda(), ids.cuda(), w.cuda())[:-1], "silu", config=cfg).cpu()
+    err = float((y.double() - ref).abs().max() / ref.abs().max())
+    assert err <= TOLERANCE[dtype], err
 
 
 @pytest.mark.cuda
