@@ -5,7 +5,8 @@
 weights (capture-safe, no host synchronisation):
 
 1. ``moe_routing.align_blocks``: the ``P = T*K`` pairs grouped by expert slot into blocks of
-   ``BLOCK_M`` rows (``sorted_pair[R]``, ``block_expert[B]``).
+   ``BLOCK_M`` rows (``sorted_pair[R]``, ``block_expert[B]``; one Triton program at decode
+   sizes).
 2. ``_gate_up_kernel``, grid ``(B, cdiv(I, BLOCK_N))``: a program gathers the block's token
    rows of x, multiplies them by the same ``BLOCK_N`` rows of its expert's gate and of its
    up projection (one pass over x, two accumulators), applies the activation and writes
@@ -16,15 +17,22 @@ weights (capture-safe, no host synchronisation):
    .sum(1)``: a fixed-order sum, no atomics, so results repeat bit for bit.
 
 Weights: ``w13`` is gate and up stacked as ``[n, 2I, ...]`` (gate rows first), ``w2`` is down
-``[n, H, ...]``; each bf16/fp16 ``[n, N, K]`` or packed as in ``kt_marlin.packing`` (int4
-words ``[n, N, K/8]`` + scales/offsets ``[n, N, K/G]``, int8 ``[n, N, K]`` + scales). The
-weight tile is dequantised in registers and fed to ``tl.dot`` in the dtype of x (fp32 "ieee"
-dot for fp32 x, and for CPU tensors, which only Triton's interpreter runs: its bf16 dot
-multiplies raw bits). int4 tiles are never reshaped into columns: nibble j of each word is a
-2-D slice of columns ``8w + j``, multiplied by the matching strided slice of x (a sum over K
-does not care about the order), which keeps the kernels at a third of the registers. Decode batches whose pairs are few against the experts use blocks of
-one row (``BLOCK_M = 1``): each program is then a GEMV that sums products in registers, and
-no tensor-core tile computes 15 padding rows.
+``[n, H, ...]``; each bf16/fp16 ``[n, N, K]`` or packed as in ``kt_marlin.packing`` (int4 in
+the ``mma`` layout, int16 ``[n, N, K/4]`` in units of ``mma_unit(G, K)`` columns, +
+scales/offsets ``[n, N, K/G]``; int8 ``[n, N, K]`` + scales). 16-bit and int8 weight tiles
+are dequantised in registers and fed to ``tl.dot`` in the dtype of x (fp32 "ieee" dot for
+fp32 x, and for CPU tensors, which only Triton's interpreter runs: its bf16 dot multiplies
+raw bits), or for blocks of one row (``BLOCK_M = 1``, decode batches whose pairs are few
+against the experts) summed in registers: a GEMV, no tensor-core tile computing 15 padding
+rows. int4 takes ``int4_mma``'s unpack: one LOP3 turns two nibbles into two 16-bit weights
+``MAGIC + q`` (inline PTX; integer ops in the interpreter), and the affine part is one step
+per group, ``s sum (MAGIC + q) x + (o - MAGIC s) sum x``:
+
+- ``_int4_dot`` (``BLOCK_M >= 16``): the unit's four nibble planes side by side are the
+  columns in order, the register operand of one ``tl.dot`` per group (``W x.T``, as
+  ``int4_mma``);
+- ``_int4_gemv`` (``BLOCK_M = 1``): nibble plane ``j`` of a unit multiplies a contiguous
+  slice of x in fp32, summed in registers and reduced once after the K loop.
 
 Registered as ``torch.ops.kt_marlin.fused_experts`` (``custom_op`` + ``register_fake``).
 """
@@ -299,21 +307,22 @@ def choose_config(t: int, topk: int, n_owned: int, h: int, i: int, bits: int, gr
 
     ``BLOCK_M`` is 1 (a GEMV per pair, no ``tl.dot``) while the pairs are few against the
     experts (most experts then get one pair, and a block of 16 would compute 15 padding rows),
-    else 16 (the smallest ``tl.dot`` tile), 32 or 64 by the average rows per expert. Each
-    case's ``BLOCK_N``/``BLOCK_K``/warps compile for sm_90 (Triton 3.9) without register
-    spills (``bench/ptxas_check.py``); ``bench/bench_experts.py`` times others beside them.
+    else 16 (the smallest ``tl.dot`` tile), 32 or 64 by the average rows per expert. int4
+    takes blocks of 16 rows down to T = 1: its dot path (weights unpacked once per block, the
+    register operand of the tensor cores) beat its GEMV on the H200 at T = 1, 4 and 16
+    (``bench/results/nvidia-h200_bench_experts_session7*``). Each case's
+    ``BLOCK_N``/``BLOCK_K``/warps compile for sm_90 (Triton 3.9) without register spills
+    (``bench/ptxas_check.py``); ``bench/bench_experts.py`` times others beside them.
     """
     pairs = t * topk
     avg = pairs / n_owned
     warps = 8
-    if 2 * pairs <= n_owned:
+    if bits == 4 and avg <= 16:  # int4: tl.dot blocks of 16 rows at every decode size (H200 sweep)
+        bm, bn, target, warps = 16, 64, 256, 4
+    elif 2 * pairs <= n_owned:
         bm, bn, target = 1, 16, 256
-        if bits == 4:
-            bn, target, warps = 32, 512, 4
     elif avg <= 16:
         bm, bn, target = 16, (16 if bits == 8 else 32), 128
-        if bits == 4:
-            bn, warps = 128, 4
     else:
         bm = 32 if avg <= 48 else 64
         bn, target = {16: (64, 64), 8: (16, 128), 4: (32, 128)}[bits]

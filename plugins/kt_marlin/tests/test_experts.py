@@ -17,7 +17,7 @@ from ktcore.ops.weights import DenseWeight, GGUFWeight  # noqa: E402
 
 from kt_marlin.experts import MarlinExperts  # noqa: E402
 from kt_marlin.fused_moe import choose_config, launch  # noqa: E402
-from kt_marlin.moe_routing import align_blocks, num_blocks  # noqa: E402
+from kt_marlin.moe_routing import align_blocks, align_blocks_torch, num_blocks  # noqa: E402
 
 #: Max error relative to the reference output's largest magnitude, per activation dtype.
 #: The weights are the same values (``dequantized_weights``); what differs is the summation
@@ -76,18 +76,25 @@ def _check(op: MarlinExperts, x: torch.Tensor, ids: torch.Tensor, w: torch.Tenso
 
 
 @pytest.mark.parametrize("T,K,E,owned,block_m", [(1, 8, 16, None, 16), (3, 2, 8, (1, 4, 5), 16),
-                                                 (129, 4, 8, None, 16), (40, 6, 5, (0, 2), 32), (7, 3, 4, (3,), 64)])
-def test_align_blocks_layout(T, K, E, owned, block_m):
+                                                 (129, 4, 8, None, 16), (40, 6, 5, (0, 2), 32), (7, 3, 4, (3,), 64),
+                                                 (1, 8, 256, None, 1), (64, 8, 200, tuple(range(0, 200, 3)), 16),
+                                                 (5, 7, 9, (8,), 1)])
+def test_align_blocks_layout(T, K, E, owned, block_m, device):
+    """The layout (a kernel up to KERNEL_MAX_PAIRS pairs, torch ops beyond) equals the torch
+    one exactly, and holds every owned pair once, in order, in its expert's blocks."""
     ids = torch.randint(0, E + 1, (T, K))
     ids[0, :2] = ids[0, 0]
     owned_ids = list(range(E)) if owned is None else list(owned)
     slot_of = torch.full((E + 1,), -1, dtype=torch.int32)
     slot_of[owned_ids] = torch.arange(len(owned_ids), dtype=torch.int32)
-    sorted_pair, block_expert = align_blocks(ids, slot_of, len(owned_ids), block_m)
+    sorted_pair, block_expert = align_blocks(ids.to(device), slot_of.to(device), len(owned_ids), block_m)
+    reference = align_blocks_torch(ids, slot_of, len(owned_ids), block_m)
+    assert torch.equal(sorted_pair.cpu(), reference[0]) and torch.equal(block_expert.cpu(), reference[1])
     P = T * K
     B = num_blocks(P, len(owned_ids), block_m)
     assert sorted_pair.shape == (B * block_m,) and block_expert.shape == (B,)
-    rows = sorted_pair.view(B, block_m)
+    rows = reference[0].view(B, block_m)
+    block_expert = reference[1]
     seen = []
     for b in range(B):
         e = int(block_expert[b])
@@ -121,10 +128,12 @@ def test_formats_match_torch(T, fmt, dtype, device):
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 def test_gemv_blocks_match_torch(T, fmt, device):
-    """Few pairs against many experts: the heuristic takes blocks of one row (no tl.dot)."""
+    """Few pairs against many experts: the heuristic takes blocks of one row (no tl.dot) for
+    bf16 and int8, blocks of 16 (tl.dot) for int4 (its GEMV: ``test_int4_paths_match_torch``)."""
     E, H, I, K = 16, 64, 96, 2
     spec = ExpertsSpec(E, H, I, K, owned=tuple(range(1, E)))
-    assert choose_config(T, K, spec.num_owned, H, I, 4, 32, 32)["BLOCK_M"] == 1
+    bits = {"bf16": 16, "int8": 8, "int4": 4}[fmt]
+    assert choose_config(T, K, spec.num_owned, H, I, bits, 32, 32)["BLOCK_M"] == (16 if bits == 4 else 1)
     op = _build(spec, device, {"format": fmt, "group_size": 32}, _weights(E, H, I))
     ids, w = _routing(T, K, E)
     _check(op, torch.randn(T, H).to(torch.bfloat16), ids, w, device)
@@ -382,6 +391,23 @@ def test_large_gpu(T, fmt, dtype):
     op = _build(spec, "cuda", {"format": fmt}, {k: v.cuda() for k, v in _weights(E, H, I).items()})
     ids, w = _routing(T, K, E)
     _check(op, torch.randn(T, H).to(dtype), ids, w, "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_align_blocks_gpu(dtype):
+    """The routing kernel on the GPU equals the torch layout (decode sizes up to
+    KERNEL_MAX_PAIRS, 1 to 384 experts, owned subsets, every block size)."""
+    for T, K, E, stride, block_m in [(1, 8, 256, 1, 16), (1, 8, 256, 1, 1), (4, 8, 128, 2, 16), (16, 8, 384, 3, 1),
+                                     (64, 8, 256, 1, 16), (64, 8, 256, 1, 64), (3, 6, 1, 1, 16), (100, 5, 60, 7, 32), (2, 8, 512, 1, 16)]:
+        ids = torch.randint(0, E + 1, (T, K), device="cuda", dtype=dtype)
+        ids[0, :2] = ids[0, 0]
+        owned = list(range(0, E, stride))
+        slot_of = torch.full((E + 1,), -1, dtype=torch.int32, device="cuda")
+        slot_of[owned] = torch.arange(len(owned), dtype=torch.int32, device="cuda")
+        got = align_blocks(ids, slot_of, len(owned), block_m)
+        ref = align_blocks_torch(ids, slot_of, len(owned), block_m)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), (T, K, E, stride, block_m)
 
 
 @pytest.mark.cuda
