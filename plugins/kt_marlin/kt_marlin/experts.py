@@ -5,7 +5,8 @@ Options: ``format`` ``bf16 | int8 | int4`` (default bf16) and ``group_size`` ``3
 
 - ``bf16``: the owned experts' weights in bf16 (GGUF sources dequantised on the device).
 - ``int4`` / ``int8``: packed once at load in ``kt_marlin.packing``'s layouts (int4: ``mma``,
-  with the unit ``mma_unit(G, K)``), one matrix per expert stacked along a leading axis. GGUF Q4_0/Q4_1/Q4_K (int4) and Q8_0 (int8) are repacked
+  with the unit ``mma_unit(G, K)``), one matrix per expert stacked along a leading axis.
+  GGUF Q4_0/Q4_1/Q4_K (int4) and Q8_0 (int8) are repacked
   exactly (groups of 32, whatever ``group_size`` says); any other source is quantised with
   ``group_size`` and the added relative RMS error is logged at warning level (DESIGN §7).
 

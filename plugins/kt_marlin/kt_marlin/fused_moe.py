@@ -129,7 +129,8 @@ def _int4_gemv(a_ptr, w_ptr, s_ptr, o_ptr, e, rn, mask_n, N, K, GROUP: tl.conste
     n_groups = K // GROUP
     ru = tl.arange(0, UT)
     rp = tl.arange(0, P)
-    w_tile = w_ptr + e64 * N * kq + rn64[:, None, None] * kq + (ru * P)[None, :, None] + rp[None, None, :]  # [BN, UT, P]
+    w_tile = (w_ptr + e64 * N * kq + rn64[:, None, None] * kq
+              + (ru * P)[None, :, None] + rp[None, None, :])  # [BN, UT, P]
     g_tile = e64 * N * n_groups + rn64[:, None] * n_groups + (ru * (UNIT // GROUP))[None, :]  # [BN, UT]
     a_tile = a_ptr + (ru * UNIT)[:, None] + rp[None, :]  # [UT, P]
     mask_w = mask_n[:, None, None]
@@ -308,8 +309,9 @@ def choose_config(t: int, topk: int, n_owned: int, h: int, i: int, bits: int, gr
     ``BLOCK_M`` is 1 (a GEMV per pair, no ``tl.dot``) while the pairs are few against the
     experts (most experts then get one pair, and a block of 16 would compute 15 padding rows),
     else 16 (the smallest ``tl.dot`` tile), 32 or 64 by the average rows per expert. int4
-    takes blocks of 16 rows down to T = 1: its dot path (weights unpacked once per block, the
-    register operand of the tensor cores) beat its GEMV on the H200 at T = 1, 4 and 16
+    takes blocks of 16 rows down to T = 1: on the H200 its dot path (the unpacked weights are
+    the register operand of the tensor cores) beat its GEMV at T = 1, 4 and 16 on DeepSeek-V3
+    and at T = 16 on Qwen3-30B-A3B, and lost by 4 µs at T = 1 there
     (``bench/results/nvidia-h200_bench_experts_session7*``). Each case's
     ``BLOCK_N``/``BLOCK_K``/warps compile for sm_90 (Triton 3.9) without register spills
     (``bench/ptxas_check.py``); ``bench/bench_experts.py`` times others beside them.
@@ -352,7 +354,8 @@ def launch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, 
         for name, k, group in (("BLOCK_K_UP", h, group13), ("BLOCK_K_DOWN", i, group2)):
             units[name] = mma_unit(group, k) if bits == 4 else group
             if k % cfg[name] or cfg[name] % units[name]:
-                raise ValueError(f"fused_experts: {name}={cfg[name]} must divide {k} and be a multiple of {units[name]}")
+                raise ValueError(f"fused_experts: {name}={cfg[name]} must divide {k} "
+                                 f"and be a multiple of {units[name]}")
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     if bits == 4 and 1 < bm < 16:
         raise ValueError(f"fused_experts: int4 takes BLOCK_M 1 (GEMV) or >= 16 (tl.dot), got {bm}")

@@ -399,7 +399,8 @@ def test_align_blocks_gpu(dtype):
     """The routing kernel on the GPU equals the torch layout (decode sizes up to
     KERNEL_MAX_PAIRS, 1 to 384 experts, owned subsets, every block size)."""
     for T, K, E, stride, block_m in [(1, 8, 256, 1, 16), (1, 8, 256, 1, 1), (4, 8, 128, 2, 16), (16, 8, 384, 3, 1),
-                                     (64, 8, 256, 1, 16), (64, 8, 256, 1, 64), (3, 6, 1, 1, 16), (100, 5, 60, 7, 32), (2, 8, 512, 1, 16)]:
+                                     (64, 8, 256, 1, 16), (64, 8, 256, 1, 64), (3, 6, 1, 1, 16), (100, 5, 60, 7, 32),
+                                     (2, 8, 512, 1, 16)]:
         ids = torch.randint(0, E + 1, (T, K), device="cuda", dtype=dtype)
         ids[0, :2] = ids[0, 0]
         owned = list(range(0, E, stride))
@@ -418,7 +419,8 @@ def test_int4_paths_gpu(H, I, group, bk_up, bk_down, bm, dtype):
     """The int4 paths with the inline-PTX unpack (bf16 / fp16 dots), every layout unit."""
     E, K, T = 6, 4, 5
     spec = ExpertsSpec(E, H, I, K, owned=(0, 2, 3, 5))
-    op = _build(spec, "cuda", {"format": "int4", "group_size": group}, {k: v.cuda() for k, v in _weights(E, H, I).items()})
+    weights = {k: v.cuda() for k, v in _weights(E, H, I).items()}
+    op = _build(spec, "cuda", {"format": "int4", "group_size": group}, weights)
     ids, w = _routing(T, K, E)
     x = torch.randn(T, H).to(dtype)
     ref = _oracle(op)(x.float(), ids, w).double()
