@@ -13,8 +13,9 @@ Weights are random tensors built in place on the GPU (a DeepSeek-V3 layer is 22.
 holds ``CALLS`` calls with different random routings (top-k without repeats, like a router),
 so consecutive calls touch mostly different experts and the weights come from HBM.
 
-An int4 tile sweep (``BLOCK_M`` 1, and 16 at T = 16; ``BLOCK_N`` 16-128, ``BLOCK_K`` 128-512, 4 or
-8 warps) at T = 1 and 16 shows what the heuristic of ``fused_moe.choose_config`` leaves on the table.
+An int4 tile sweep at T = 1 and 16 (``SWEEP``: GEMV blocks of one row and ``tl.dot`` blocks of
+16 rows, several ``BLOCK_N`` / ``BLOCK_K`` / warps / stages) shows what the heuristic of
+``fused_moe.choose_config`` leaves on the table.
 
 Usage: ``python bench_experts.py --out results.json`` on the GPU host (then ``report.py``);
 ``TRITON_INTERPRET=1 python bench_experts.py --smoke --out x.json`` runs a tiny shape on CPU
@@ -24,7 +25,6 @@ tensors in Triton's interpreter (wall-clock timings, only to check that it runs)
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import sys
@@ -39,6 +39,9 @@ SHAPES = [("DeepSeek-V3", 7168, 2048, 256, 8), ("Qwen3-30B-A3B", 2048, 768, 128,
 SMOKE_SHAPES = [("tiny", 128, 128, 8, 2)]
 TOKENS = (1, 4, 16, 64)
 CALLS = 8  # routings per timed graph
+#: int4 sweep: (BLOCK_M, BLOCK_N, BLOCK_K target, num_warps, num_stages)
+SWEEP = [(1, 64, 256, 4, 3), (1, 32, 512, 4, 3), (16, 64, 256, 4, 3), (16, 64, 128, 4, 3), (16, 128, 128, 4, 3),
+         (16, 32, 128, 4, 3)]
 
 
 def make_weights(fmt: str, E: int, H: int, I: int, device: str, group: int = 128) -> dict:
@@ -48,8 +51,8 @@ def make_weights(fmt: str, E: int, H: int, I: int, device: str, group: int = 128
         w2 = torch.empty((E, H, I), dtype=torch.bfloat16, device=device).normal_(0, I ** -0.5)
         return dict(w13=w13, s13=None, o13=None, w2=w2, s2=None, o2=None, bits=16, group13=0, group2=0)
 
-    def packed(n, k):
-        qw = torch.randint(-2**31, 2**31 - 1, (E, n, k // 8), dtype=torch.int32, device=device)
+    def packed(n, k):  # int16 mma layout (packing.to_mma): random nibbles
+        qw = torch.randint(-2**15, 2**15 - 1, (E, n, k // 4), dtype=torch.int16, device=device)
         s = torch.full((E, n, k // group), 0.02 / k ** 0.5, dtype=torch.float16, device=device)
         return qw, s, (-8 * s.float()).half()
 
@@ -126,13 +129,17 @@ def bench_shape(model: str, H: int, I: int, E: int, K: int, fmt: str, device: st
               f"{nbytes / seconds / 1e9:7.0f} GB/s  {rows[-1]['fraction_of_copy']:.2f} of copy", flush=True)
         if T not in sweep_tokens:
             continue
-        for bm, bn, bk, warps in itertools.product((1, 16) if T > 1 else (1,), (16, 32, 64, 128), (128, 256, 512),
-                                                   (4, 8)):
+        for bm, bn, bk, warps, stages in SWEEP:
             if time.time() > deadline:
                 break
             cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K_UP": block_k(H, w["bits"], w["group13"], bk),
-                   "BLOCK_K_DOWN": block_k(I, w["bits"], w["group2"], bk), "num_warps": warps}
-            s = run(cfg)
+                   "BLOCK_K_DOWN": block_k(I, w["bits"], w["group2"], bk), "num_warps": warps, "num_stages": stages}
+            try:
+                s = run(cfg)
+            except Exception as exc:  # a tile that does not compile (shared memory, registers) is recorded
+                sweep.append({"case": f"{model} {fmt} T={T}", "config": cfg, "error": repr(exc)[:200]})
+                continue
+            print(f"  sweep {cfg}: {s * 1e3:.3f} ms", flush=True)
             sweep.append({"case": f"{model} {fmt} T={T}", "config": cfg, "ms": s * 1e3,
                           "fraction_of_copy": nbytes / s / ceiling})
     return rows, sweep
@@ -150,7 +157,8 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--smoke", action="store_true", help="tiny shape, CPU tensors (TRITON_INTERPRET=1)")
     parser.add_argument("--formats", default="int4,bf16")
-    parser.add_argument("--no-sweep", action="store_true", help="skip the int4 tile sweep at T = 1 and 16")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the int4 tile sweep")
+    parser.add_argument("--sweep-tokens", default="1,16", help="T values of the int4 tile sweep")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds; later shapes are skipped past it")
     args = parser.parse_args()
     import triton
@@ -180,7 +188,8 @@ def main() -> None:
                 result["skipped_after"] = f"{model} {fmt}: budget of {args.budget}s spent"
                 break
             tokens = (1, 3) if args.smoke else TOKENS
-            sweep_tokens = () if args.smoke or args.no_sweep or fmt != "int4" else (1, 16)
+            sweep_tokens = () if args.smoke or args.no_sweep or fmt != "int4" else \
+                tuple(int(t) for t in args.sweep_tokens.split(","))
             rows, sweep = bench_shape(model, H, I, E, K, fmt, device, ceiling["GBps"] * 1e9, tokens,
                                       sweep_tokens, began + args.budget)
             result["experts"] += rows

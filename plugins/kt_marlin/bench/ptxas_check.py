@@ -17,7 +17,9 @@ import os
 import subprocess
 import tempfile
 
-CONFIGS = [(1, 16, 256, 8), (1, 16, 512, 4), (1, 32, 256, 4), (1, 32, 512, 8), (1, 64, 256, 8),
+CONFIGS = [(1, 16, 256, 8), (1, 16, 512, 4), (1, 32, 512, 4), (1, 64, 512, 4), (1, 32, 1024, 4),
+           (16, 64, 128, 4), (16, 64, 256, 4), (16, 128, 128, 4), (16, 128, 256, 4),
+           (1, 32, 256, 4), (1, 32, 512, 8), (1, 64, 256, 8),
            (16, 16, 128, 8), (16, 32, 128, 8), (16, 32, 256, 8), (16, 64, 128, 8), (16, 64, 256, 8),
            (32, 32, 128, 8), (64, 32, 128, 8), (64, 64, 64, 8), (64, 64, 128, 8)]  # BLOCK_M, N, K, warps
 
@@ -62,15 +64,15 @@ def main() -> None:
         raise SystemExit("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled")
     from kt_marlin import fused_moe
 
-    w_t = {4: "*i32", 8: "*i8", 16: "*bf16"}[args.bits]
+    w_t = {4: "*i16", 8: "*i8", 16: "*bf16"}[args.bits]
     group = 0 if args.bits == 16 else args.group
     common = {"w_ptr": w_t, "s_ptr": "*fp16", "o_ptr": "*fp16", "sorted_pair_ptr": "*i32", "block_expert_ptr": "*i32",
               "P": "i32", "H": "i32", "I": "i32"}
     for bm, bn, bk, warps in CONFIGS:
         if group and bk % group:
             continue
-        ce = {"BITS": args.bits, "GROUP": group, "USE_DOT": bm >= 16, "DOT_IEEE": False,
-              "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+        ce = {"BITS": args.bits, "GROUP": group, "UNIT": max(group, 64) if args.bits == 4 else group, "MAGIC": 128,
+              "ASM": True, "USE_DOT": bm >= 16, "DOT_IEEE": False, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
         up_sig = dict(x_ptr="*bf16", h_ptr="*bf16", stride_x="i32", **common,
                       **{k: "constexpr" for k in ("TOPK", "ACT", *ce)})
         down_sig = dict(h_ptr="*bf16", out_ptr="*fp32", topk_w_ptr="*fp32", **common, **{k: "constexpr" for k in ce})

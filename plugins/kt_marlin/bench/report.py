@@ -31,12 +31,15 @@ def render_experts(r: dict) -> str:
     sweep = r.get("experts_sweep", [])
     if sweep:
         lines += ["", "## Tile sweep (best three per case)", "",
-                  "| case | BLOCK_M / N / K up / K down | ms | of copy |", "| --- | --- | ---: | ---: |"]
+                  "| case | BLOCK_M / N / K up / K down | warps / stages | ms | of copy |",
+                  "| --- | --- | --- | ---: | ---: |"]
         for case in dict.fromkeys(d["case"] for d in sweep):
-            for d in sorted((d for d in sweep if d["case"] == case), key=lambda d: d["ms"])[:3]:
+            timed = (d for d in sweep if d["case"] == case and "ms" in d)  # failed tiles carry "error"
+            for d in sorted(timed, key=lambda d: d["ms"])[:3]:
                 c = d["config"]
                 lines.append(f"| {case} | {c['BLOCK_M']} / {c['BLOCK_N']} / {c['BLOCK_K_UP']} / {c['BLOCK_K_DOWN']} "
-                             f"| {d['ms']:.3f} | {d['fraction_of_copy']:.2f} |")
+                             f"| {c['num_warps']} / {c.get('num_stages', '-')} | {d['ms']:.3f} | "
+                             f"{d['fraction_of_copy']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -4,8 +4,9 @@ Options: ``format`` ``bf16 | int8 | int4`` (default bf16) and ``group_size`` ``3
 (default 128; quantised formats built from dense weights).
 
 - ``bf16``: the owned experts' weights in bf16 (GGUF sources dequantised on the device).
-- ``int4`` / ``int8``: packed once at load in ``kt_marlin.packing``'s layouts, one matrix per
-  expert stacked along a leading axis. GGUF Q4_0/Q4_1/Q4_K (int4) and Q8_0 (int8) are repacked
+- ``int4`` / ``int8``: packed once at load in ``kt_marlin.packing``'s layouts (int4: ``mma``,
+  with the unit ``mma_unit(G, K)``), one matrix per expert stacked along a leading axis.
+  GGUF Q4_0/Q4_1/Q4_K (int4) and Q8_0 (int8) are repacked
   exactly (groups of 32, whatever ``group_size`` says); any other source is quantised with
   ``group_size`` and the added relative RMS error is logged at warning level (DESIGN §7).
 
@@ -118,12 +119,12 @@ class MarlinExperts(Experts):
         for a, b in self._chunks(rows, cols):
             part = _slice(source, a, b)
             if exact:
-                parts.append(packing.from_gguf(part.data, part.qtype, ((b - a) * rows, cols), self.device))
-                continue
-            dense = _dense_on(part, self.device, torch.float32).reshape((b - a) * rows, cols)
-            packed = packing.quantize_dense(dense, self.bits, group)
-            meter.add(packing.unpack(packed), dense)
-            parts.append(packed)
+                packed = packing.from_gguf(part.data, part.qtype, ((b - a) * rows, cols), self.device)
+            else:
+                dense = _dense_on(part, self.device, torch.float32).reshape((b - a) * rows, cols)
+                packed = packing.quantize_dense(dense, self.bits, group)
+                meter.add(packing.unpack(packed), dense)
+            parts.append(packing.to_mma(packed, fit=True) if self.bits == 4 else packed)  # per chunk: bounded memory
         if not exact:
             label = what if source.name == "<tensor>" else source.name
             logger.warning("%s: quantising %s (%s) to %s adds a relative RMS error of %.3g",
@@ -146,8 +147,8 @@ class MarlinExperts(Experts):
             up, e2 = self._pack_quantised(srcs["up"], "up", g13)
             down, e3 = self._pack_quantised(srcs["down"], "down", self.group_size)
             self.exact = e1 and e2 and e3
-            words = gate.qweight.shape[1]
-            self.w13 = torch.cat([gate.qweight.reshape(n, I, words), up.qweight.reshape(n, I, words)], 1)
+            elements = gate.qweight.shape[1]  # int4: K / 4 (int16), int8: K
+            self.w13 = torch.cat([gate.qweight.reshape(n, I, elements), up.qweight.reshape(n, I, elements)], 1)
             self.s13 = _cat_like(gate.scales, up.scales, n, I)
             self.o13 = None if gate.offsets is None else _cat_like(gate.offsets, up.offsets, n, I)
             self.w2 = down.qweight.reshape(n, H, -1)

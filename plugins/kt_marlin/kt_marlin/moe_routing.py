@@ -14,16 +14,69 @@ which the kernels skip.
 
 The number of blocks is ``min(P, ceil(P / block_m) + min(P, n))``: each used block holds at
 least one pair, and ``sum_e ceil(c_e / b) <= P / b + #(experts with c_e > 0)``.
+
+Two implementations of the same layout: for decode batches (``P <= KERNEL_MAX_PAIRS``) one
+Triton program (``_align_kernel``: counts, block offsets and each pair's rank among the
+earlier pairs of its expert from comparison tiles, a single launch), else torch ops (a stable
+sort and scatters, some 40 small kernels: at decode their launches cost more than the
+experts' GEMMs).
 """
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
+
+#: Largest ``P = T * K`` the single-program kernel lays out (its rank pass is O(P^2)).
+KERNEL_MAX_PAIRS = 512
+_CHUNK = 32  # pairs / blocks / slots compared per tile row
 
 
 def num_blocks(pairs: int, n_owned: int, block_m: int) -> int:
     """Blocks the layout of ``pairs`` pairs over ``n_owned`` experts can need, at most."""
     return min(pairs, -(-pairs // block_m) + min(pairs, n_owned))
+
+
+@triton.jit
+def _slots(ids_ptr, slot_ptr, j, P):
+    """Slots of pairs ``j`` (-1: not owned, the padding id, or past ``P``)."""
+    valid = j < P
+    ids = tl.load(ids_ptr + j, mask=valid, other=0)
+    return tl.where(valid, tl.load(slot_ptr + ids, mask=valid, other=-1), -1)
+
+
+@triton.jit
+def _align_kernel(ids_ptr, slot_ptr, sorted_ptr, block_expert_ptr, first_ptr, P, N, B,
+                  BLOCK_M: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr):
+    """The layout of ``align_blocks`` in one program: ``NB`` (a power of two >= N) slots."""
+    e = tl.arange(0, NB)  # [NB] slots
+    c = tl.arange(0, CHUNK)
+    counts = tl.zeros((NB,), dtype=tl.int32)
+    for j0 in range(0, P, CHUNK):
+        kj = _slots(ids_ptr, slot_ptr, j0 + c, P)  # [C]
+        counts += tl.sum((e[:, None] == kj[None, :]).to(tl.int32), axis=1)
+    per = (counts + BLOCK_M - 1) // BLOCK_M  # [NB] blocks of each slot (0 past N)
+    end = tl.cumsum(per, 0)  # [NB] one past each slot's last block
+    tl.store(first_ptr + e, end - per)
+    for b0 in range(0, B, CHUNK):  # owner of block b: #{e < N: end[e] <= b}, -1 past the used blocks
+        b = b0 + c
+        owner = tl.sum(((end[None, :] <= b[:, None]) & (e[None, :] < N)).to(tl.int32), axis=1)  # [C]
+        tl.store(block_expert_ptr + b, tl.where(owner < N, owner, -1), mask=b < B)
+    for r0 in range(0, B * BLOCK_M, CHUNK):  # every row padding first
+        tl.store(sorted_ptr + r0 + c, tl.full((CHUNK,), 0, tl.int32) + P, mask=r0 + c < B * BLOCK_M)
+    tl.debug_barrier()  # the slots' first blocks and the padding rows, seen by every thread
+    for i0 in range(0, P, CHUNK):
+        i = i0 + c
+        ki = _slots(ids_ptr, slot_ptr, i, P)  # [C]
+        rank = tl.zeros((CHUNK,), dtype=tl.int32)  # earlier pairs of the same slot
+        for j0 in range(0, i0 + CHUNK, CHUNK):
+            j = j0 + c
+            kj = _slots(ids_ptr, slot_ptr, j, P)
+            rank += tl.sum(((ki[:, None] == kj[None, :]) & (j[None, :] < i[:, None])).to(tl.int32), axis=1)
+        owned = ki >= 0
+        first = tl.load(first_ptr + ki, mask=owned, other=0)
+        tl.store(sorted_ptr + first * BLOCK_M + rank, i, mask=owned)
 
 
 def align_blocks(topk_ids: torch.Tensor, slot_of: torch.Tensor, n_owned: int,
@@ -35,6 +88,23 @@ def align_blocks(topk_ids: torch.Tensor, slot_of: torch.Tensor, n_owned: int,
     index ``t * K + k`` of each row, ``P`` on padding rows) and ``block_expert`` int32 ``[B]``
     (the slot of each block, -1 for unused blocks), ``B = num_blocks(P, n_owned, block_m)``.
     """
+    pairs = topk_ids.numel()
+    if 0 < pairs <= KERNEL_MAX_PAIRS:
+        blocks = num_blocks(pairs, n_owned, block_m)
+        nb = triton.next_power_of_2(max(n_owned, 16))
+        sorted_pair = torch.empty(blocks * block_m, dtype=torch.int32, device=topk_ids.device)
+        block_expert = torch.empty(blocks, dtype=torch.int32, device=topk_ids.device)
+        first = torch.empty(nb, dtype=torch.int32, device=topk_ids.device)  # scratch: each slot's first block
+        with torch.device(topk_ids.device):
+            _align_kernel[(1,)](topk_ids.reshape(-1), slot_of, sorted_pair, block_expert, first, pairs, n_owned,
+                                blocks, BLOCK_M=block_m, NB=nb, CHUNK=_CHUNK, num_warps=8 if nb > 128 else 4)
+        return sorted_pair, block_expert
+    return align_blocks_torch(topk_ids, slot_of, n_owned, block_m)
+
+
+def align_blocks_torch(topk_ids: torch.Tensor, slot_of: torch.Tensor, n_owned: int,
+                       block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``align_blocks`` with torch ops (any number of pairs)."""
     device = topk_ids.device
     pairs = topk_ids.numel()
     blocks = num_blocks(pairs, n_owned, block_m)

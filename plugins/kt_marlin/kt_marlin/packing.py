@@ -5,15 +5,16 @@ Layout (``out`` rows N, ``in`` columns K, groups of G along K, all row-major, K 
 - ``int4``: ``scales`` and ``offsets`` ``[N, K // G]``: ``w[n, k] = scale * q + offset``
   (affine), ``q`` in 0..15, in one of two layouts told apart by the dtype of ``qweight``:
 
-  - ``words`` (the fused MoE's): int32 ``[N, K // 8]``, nibble ``j`` of word ``w`` is column
-    ``8w + j``;
-  - ``mma`` (``MarlinLinear``'s, ``to_mma``): int16 ``[N, K // 4]`` in units of ``U =
+  - ``words`` (what quantising and GGUF repacking produce): int32 ``[N, K // 8]``, nibble
+    ``j`` of word ``w`` is column ``8w + j``;
+  - ``mma`` (the kernels', ``to_mma``): int16 ``[N, K // 4]`` in units of ``U =
     mma_unit(G) = max(G, 64)`` columns; element ``c`` (0..U/4-1) of a unit holds columns
     ``c + j U/4`` of the unit in nibble ``j`` (bits ``4j..4j+3``). A unit's row is ``U/2``
     contiguous bytes (16-byte loads, coalesced), and nibble ``j`` of all its elements is
     the contiguous column range ``[j U/4, (j+1) U/4)``: the kernel dots it with a contiguous
     slice of x, and each two weights of a 32-bit register come out of one LOP3 (``int4_mma``).
-    Needs K to be a multiple of ``U``.
+    Needs K to be a multiple of ``U``; the fused MoE (``to_mma(p, fit=True)``) takes ``U =
+    G`` when K is not (groups of 32, K an odd multiple of 32), which ``mma_unit(G, K)`` says.
 - ``int8``: ``qweight`` int8 ``[N, K]``, ``scales`` ``[N, K // G]``: ``w = scale * q``.
 
 Scales/offsets are fp16 when that is exact and fp32 otherwise (Q4_K: ``d * sc`` has 17
@@ -55,9 +56,11 @@ class Packed:
         return n, elements * (self.qweight.element_size() * 2 if self.bits == 4 else 1)
 
 
-def mma_unit(group: int) -> int:
-    """Columns of a unit of the ``mma`` layout for groups of ``group``."""
-    return max(group, 64)
+def mma_unit(group: int, k: int | None = None) -> int:
+    """Columns of a unit of the ``mma`` layout for groups of ``group``: ``max(group, 64)``, or
+    ``group`` when ``k`` is given and is no multiple of that."""
+    unit = max(group, 64)
+    return group if k is not None and k % unit else unit
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
@@ -86,17 +89,18 @@ def _nibbles(p: Packed) -> torch.Tensor:
     if p.qweight.dtype == torch.int32:  # words
         shifts = 4 * torch.arange(8, device=p.qweight.device, dtype=torch.int32)
         return ((p.qweight.unsqueeze(-1) >> shifts) & 15).reshape(n, k)
-    unit = mma_unit(p.group)
+    unit = mma_unit(p.group, k)
     shifts = 4 * torch.arange(4, device=p.qweight.device, dtype=torch.int32)
     e = p.qweight.to(torch.int32).reshape(n, k // unit, 1, unit // 4)
     return ((e >> shifts[:, None]) & 15).reshape(n, k)  # [n, unit, nibble j, c] -> column j U/4 + c
 
 
-def to_mma(p: Packed) -> Packed:
-    """An int4 weight in the ``mma`` layout (``MarlinLinear``'s); K must be a multiple of
-    ``mma_unit(group)``."""
+def to_mma(p: Packed, fit: bool = False) -> Packed:
+    """An int4 weight in the ``mma`` layout; K must be a multiple of ``mma_unit(group)``
+    (``MarlinLinear``'s kernel assumes that unit), or with ``fit`` of ``mma_unit(group, K)``
+    (the fused MoE's kernels take the unit as a parameter)."""
     n, k = p.shape
-    unit = mma_unit(p.group)
+    unit = mma_unit(p.group, k if fit else None)
     if k % unit:
         raise ValueError(f"the int4 mma layout needs K ({k}) to be a multiple of {unit}")
     q = _nibbles(p).reshape(n, k // unit, 4, unit // 4)

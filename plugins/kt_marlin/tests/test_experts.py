@@ -17,7 +17,7 @@ from ktcore.ops.weights import DenseWeight, GGUFWeight  # noqa: E402
 
 from kt_marlin.experts import MarlinExperts  # noqa: E402
 from kt_marlin.fused_moe import choose_config, launch  # noqa: E402
-from kt_marlin.moe_routing import align_blocks, num_blocks  # noqa: E402
+from kt_marlin.moe_routing import align_blocks, align_blocks_torch, num_blocks  # noqa: E402
 
 #: Max error relative to the reference output's largest magnitude, per activation dtype.
 #: The weights are the same values (``dequantized_weights``); what differs is the summation
@@ -76,18 +76,25 @@ def _check(op: MarlinExperts, x: torch.Tensor, ids: torch.Tensor, w: torch.Tenso
 
 
 @pytest.mark.parametrize("T,K,E,owned,block_m", [(1, 8, 16, None, 16), (3, 2, 8, (1, 4, 5), 16),
-                                                 (129, 4, 8, None, 16), (40, 6, 5, (0, 2), 32), (7, 3, 4, (3,), 64)])
-def test_align_blocks_layout(T, K, E, owned, block_m):
+                                                 (129, 4, 8, None, 16), (40, 6, 5, (0, 2), 32), (7, 3, 4, (3,), 64),
+                                                 (1, 8, 256, None, 1), (64, 8, 200, tuple(range(0, 200, 3)), 16),
+                                                 (5, 7, 9, (8,), 1)])
+def test_align_blocks_layout(T, K, E, owned, block_m, device):
+    """The layout (a kernel up to KERNEL_MAX_PAIRS pairs, torch ops beyond) equals the torch
+    one exactly, and holds every owned pair once, in order, in its expert's blocks."""
     ids = torch.randint(0, E + 1, (T, K))
     ids[0, :2] = ids[0, 0]
     owned_ids = list(range(E)) if owned is None else list(owned)
     slot_of = torch.full((E + 1,), -1, dtype=torch.int32)
     slot_of[owned_ids] = torch.arange(len(owned_ids), dtype=torch.int32)
-    sorted_pair, block_expert = align_blocks(ids, slot_of, len(owned_ids), block_m)
+    sorted_pair, block_expert = align_blocks(ids.to(device), slot_of.to(device), len(owned_ids), block_m)
+    reference = align_blocks_torch(ids, slot_of, len(owned_ids), block_m)
+    assert torch.equal(sorted_pair.cpu(), reference[0]) and torch.equal(block_expert.cpu(), reference[1])
     P = T * K
     B = num_blocks(P, len(owned_ids), block_m)
     assert sorted_pair.shape == (B * block_m,) and block_expert.shape == (B,)
-    rows = sorted_pair.view(B, block_m)
+    rows = reference[0].view(B, block_m)
+    block_expert = reference[1]
     seen = []
     for b in range(B):
         e = int(block_expert[b])
@@ -121,10 +128,12 @@ def test_formats_match_torch(T, fmt, dtype, device):
 @pytest.mark.parametrize("T", [1, 3])
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
 def test_gemv_blocks_match_torch(T, fmt, device):
-    """Few pairs against many experts: the heuristic takes blocks of one row (no tl.dot)."""
+    """Few pairs against many experts: the heuristic takes blocks of one row (no tl.dot) for
+    bf16 and int8, blocks of 16 (tl.dot) for int4 (its GEMV: ``test_int4_paths_match_torch``)."""
     E, H, I, K = 16, 64, 96, 2
     spec = ExpertsSpec(E, H, I, K, owned=tuple(range(1, E)))
-    assert choose_config(T, K, spec.num_owned, H, I, 4, 32, 32)["BLOCK_M"] == 1
+    bits = {"bf16": 16, "int8": 8, "int4": 4}[fmt]
+    assert choose_config(T, K, spec.num_owned, H, I, bits, 32, 32)["BLOCK_M"] == (16 if bits == 4 else 1)
     op = _build(spec, device, {"format": fmt, "group_size": 32}, _weights(E, H, I))
     ids, w = _routing(T, K, E)
     _check(op, torch.randn(T, H).to(torch.bfloat16), ids, w, device)
@@ -139,11 +148,70 @@ def test_block_configs_agree(fmt, device):
     x = torch.randn(T, H)
     ref = _oracle(op)(x, ids, w)
     args = _op_args(op, x.to(device), ids.to(device), w.to(device))[:-1]
-    # int4 takes tl.dot for BLOCK_M >= 16 and BLOCK_K >= 128 (here gate/up), sums otherwise
-    for bm, bn, bk_up, bk_down in ((1, 16, 32, 64), (2, 32, 128, 32), (16, 32, 128, 64), (64, 64, 128, 64)):
+    # int4: a GEMV for BLOCK_M 1, tl.dot for BLOCK_M >= 16 (BLOCK_K: multiples of the layout unit 64)
+    for bm, bn, bk_up, bk_down in ((1, 16, 64, 64), (2, 32, 128, 64), (16, 32, 128, 64), (64, 64, 128, 64)):
         cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K_UP": bk_up, "BLOCK_K_DOWN": bk_down, "num_warps": 4}
+        if fmt == "int4" and bm == 2:
+            with pytest.raises(ValueError, match="BLOCK_M 1"):
+                launch(*args, "silu", config=cfg)
+            continue
         y = launch(*args, "silu", config=cfg).cpu()
         torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()), msg=str(cfg))
+    if fmt == "int4":  # BLOCK_K is a multiple of the layout unit (64: groups of 32, K a multiple of 64)
+        with pytest.raises(ValueError, match="multiple of 64"):
+            launch(*args, "silu", config={"BLOCK_M": 1, "BLOCK_N": 16, "BLOCK_K_UP": 32, "BLOCK_K_DOWN": 32,
+                                          "num_warps": 4})
+
+
+@pytest.mark.parametrize("k,group,unit", [(96, 32, 32), (160, 32, 32), (128, 32, 64), (192, 64, 64), (256, 128, 128)])
+def test_int4_moe_layout(k, group, unit):
+    """``to_mma(fit=True)`` (the fused MoE's int4 layout) puts column ``u U + j U/4 + c`` in
+    nibble j of int16 element ``u U/4 + c`` with ``U = mma_unit(G, K)``: the group itself
+    when K is no multiple of 64; ``unpack`` reads it back exactly."""
+    from kt_marlin.packing import mma_unit, pack_int4, to_mma, unpack
+
+    assert mma_unit(group, k) == unit
+    n = 7
+    q = torch.randint(0, 16, (n, k))
+    s, o = torch.rand(n, k // group), torch.randn(n, k // group)
+    words = pack_int4(q, s, o, group)
+    mma = to_mma(words, fit=True)
+    assert mma.qweight.dtype == torch.int16 and mma.shape == (n, k)
+    e = mma.qweight.to(torch.int32) & 0xFFFF
+    for col in range(k):
+        u, r = divmod(col, unit)
+        j, c = divmod(r, unit // 4)
+        assert torch.equal((e[:, u * unit // 4 + c] >> (4 * j)) & 15, q[:, col].to(torch.int32)), col
+    assert torch.equal(unpack(mma), unpack(words))
+    if k % max(group, 64):
+        with pytest.raises(ValueError, match="multiple of 64"):
+            to_mma(words)  # MarlinLinear's strict form
+
+
+#: (H, I, group, BLOCK_K up, BLOCK_K down): layout units 32 (K an odd multiple of 32), 64 with two
+#: groups of 32 per unit, 64 and 128 with one group per unit; several K tiles where K allows.
+INT4_CASES = [(96, 160, 32, 32, 32), (128, 192, 32, 64, 64), (256, 192, 64, 128, 64), (256, 384, 128, 128, 128)]
+
+
+@pytest.mark.parametrize("H,I,group,bk_up,bk_down", INT4_CASES)
+@pytest.mark.parametrize("bm", [1, 16])
+def test_int4_paths_match_torch(H, I, group, bk_up, bk_down, bm, device):
+    """The int4 GEMV (BLOCK_M 1) and tl.dot (16) paths on every layout unit, with a token that
+    names one expert twice, the padding id and an owned subset, against the fp32 reference."""
+    from kt_marlin.packing import mma_unit
+
+    E, K, T = 5, 3, 4
+    spec = ExpertsSpec(E, H, I, K, owned=(0, 1, 3, 4))
+    op = _build(spec, device, {"format": "int4", "group_size": group}, _weights(E, H, I))
+    assert op.w13.dtype == torch.int16 and op.w13.shape == (4, 2 * I, H // 4) and op.w2.shape == (4, H, I // 4)
+    assert bk_up % mma_unit(group, H) == 0 and bk_down % mma_unit(group, I) == 0
+    ids, w = _routing(T, K, E)
+    x = torch.randn(T, H)
+    ref = _oracle(op)(x, ids, w)
+    cfg = {"BLOCK_M": bm, "BLOCK_N": 16 if bm == 1 else 32, "BLOCK_K_UP": bk_up, "BLOCK_K_DOWN": bk_down,
+           "num_warps": 4}
+    y = launch(*_op_args(op, x.to(device), ids.to(device), w.to(device))[:-1], "silu", config=cfg).cpu()
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
 @pytest.mark.parametrize("fmt,H,I", [("bf16", 100, 52), ("int4", 96, 224)])
@@ -323,6 +391,43 @@ def test_large_gpu(T, fmt, dtype):
     op = _build(spec, "cuda", {"format": fmt}, {k: v.cuda() for k, v in _weights(E, H, I).items()})
     ids, w = _routing(T, K, E)
     _check(op, torch.randn(T, H).to(dtype), ids, w, "cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_align_blocks_gpu(dtype):
+    """The routing kernel on the GPU equals the torch layout (decode sizes up to
+    KERNEL_MAX_PAIRS, 1 to 384 experts, owned subsets, every block size)."""
+    for T, K, E, stride, block_m in [(1, 8, 256, 1, 16), (1, 8, 256, 1, 1), (4, 8, 128, 2, 16), (16, 8, 384, 3, 1),
+                                     (64, 8, 256, 1, 16), (64, 8, 256, 1, 64), (3, 6, 1, 1, 16), (100, 5, 60, 7, 32),
+                                     (2, 8, 512, 1, 16)]:
+        ids = torch.randint(0, E + 1, (T, K), device="cuda", dtype=dtype)
+        ids[0, :2] = ids[0, 0]
+        owned = list(range(0, E, stride))
+        slot_of = torch.full((E + 1,), -1, dtype=torch.int32, device="cuda")
+        slot_of[owned] = torch.arange(len(owned), dtype=torch.int32, device="cuda")
+        got = align_blocks(ids, slot_of, len(owned), block_m)
+        ref = align_blocks_torch(ids, slot_of, len(owned), block_m)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), (T, K, E, stride, block_m)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("H,I,group,bk_up,bk_down", INT4_CASES + [(2048, 768, 128, 512, 256)])
+@pytest.mark.parametrize("bm", [1, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int4_paths_gpu(H, I, group, bk_up, bk_down, bm, dtype):
+    """The int4 paths with the inline-PTX unpack (bf16 / fp16 dots), every layout unit."""
+    E, K, T = 6, 4, 5
+    spec = ExpertsSpec(E, H, I, K, owned=(0, 2, 3, 5))
+    weights = {k: v.cuda() for k, v in _weights(E, H, I).items()}
+    op = _build(spec, "cuda", {"format": "int4", "group_size": group}, weights)
+    ids, w = _routing(T, K, E)
+    x = torch.randn(T, H).to(dtype)
+    ref = _oracle(op)(x.float(), ids, w).double()
+    cfg = {"BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K_UP": bk_up, "BLOCK_K_DOWN": bk_down, "num_warps": 4}
+    y = launch(*_op_args(op, x.cuda(), ids.cuda(), w.cuda())[:-1], "silu", config=cfg).cpu()
+    err = float((y.double() - ref).abs().max() / ref.abs().max())
+    assert err <= TOLERANCE[dtype], err
 
 
 @pytest.mark.cuda
