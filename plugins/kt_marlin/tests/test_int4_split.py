@@ -1,0 +1,102 @@
+"""The int4 kernel's decode paths: every T of the 1-16 token bucket with and without split-K
+(odd N, a split that leaves programs empty), the split-K counters that each launch leaves
+zeroed, and on the GPU programmatic dependent launch (with and without the L2 prefetch) in
+eager calls and in a replayed CUDA graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="kt-marlin's kernels need triton (pip install triton)")
+
+from kt_marlin import wq_matmul as W  # noqa: E402
+from kt_marlin.packing import quantize_dense, to_mma, unpack  # noqa: E402
+
+#: relative to the output's largest magnitude: fp32 dots (interpreter), bf16 tensor cores (GPU)
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def _packed(n: int, k: int, group: int, device, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    p = to_mma(quantize_dense(torch.randn(n, k, generator=gen), 4, group))
+    return p, tuple(v.to(device) for v in (p.qweight, p.scales, p.offsets))
+
+
+def _check(y: torch.Tensor, p, x: torch.Tensor, bias=None) -> None:
+    ref = x.double().cpu() @ unpack(p).double().T  # [T, N]
+    if bias is not None:
+        ref = ref + bias.double().cpu()
+    err = float((y.double().cpu() - ref).abs().max() / ref.abs().max())
+    assert err <= TOL[x.dtype], f"relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("t", range(1, 17))
+def test_every_token_count_and_split(t, device):
+    """T = 1..16 (one 16-token program) on N = 37 (a partial row tile), K = 768 in three K
+    tiles: split 1, 2 (two tiles then one), 3 and 4 (one program without a K tile), each way
+    of summing x per group, with and without a bias: the fp64 product within fp32 rounding."""
+    n, k, group = 37, 768, 128
+    p, (qw, s, o) = _packed(n, k, group, device, seed=t)
+    gen = torch.Generator().manual_seed(100 + t)
+    x = torch.randn(t, k, generator=gen).to(device)
+    bias = torch.randn(n, generator=gen).to(device) if t % 2 else None
+    cfg = dict(BLOCK_T=16, BLOCK_N=16, BLOCK_K=256, num_warps=4, num_stages=2, SPLIT_K=1 + t % 4, XS=t % 3)
+    y = W.launch(x, qw, s, o, bias, 4, group, cfg)
+    assert y.shape == (t, n) and y.dtype == x.dtype
+    _check(y, p, x, bias)
+
+
+def test_split_counters_are_left_zeroed(device):
+    """Launches with different grids and splits share one counter buffer: after each the
+    counters are zero again, and repeating a launch repeats its output bit for bit (a
+    counter left at a wrong count would leave the output unwritten)."""
+    n, k, group = 45, 512, 64
+    p, (qw, s, o) = _packed(n, k, group, device, seed=7)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(8)).to(device)
+    base = dict(BLOCK_T=16, BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=2, XS=0)
+    first = {split: W.launch(x, qw, s, o, None, 4, group, dict(base, SPLIT_K=split)) for split in (2, 4, 3)}
+    bufs = [b for key, b in W._COUNTERS.items() if key[0] == str(x.device)]
+    assert bufs and all(int(b.abs().sum()) == 0 for b in bufs)
+    for split, y in first.items():
+        _check(y, p, x)
+        again = W.launch(x, qw, s, o, None, 4, group, dict(base, SPLIT_K=split))
+        assert torch.equal(again, y)
+    assert all(int(b.abs().sum()) == 0 for b in bufs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("split", [1, 4])
+def test_pdl_and_prefetch_gpu(split):
+    """PDL with no, a partial and a whole-row L2 prefetch gives the non-PDL output bit for bit,
+    eagerly and in a CUDA graph of three chained calls (each reads the previous call's output,
+    so a call that read x before the previous kernel finished would differ) replayed on new
+    activations."""
+    if not W._pdl_supported(torch.cuda.current_device()):
+        pytest.skip("programmatic dependent launch needs sm_90 and a Triton with launch_pdl")
+    n = k = 1024  # square: y feeds the next call as x
+    group = 128
+    p, (qw, s, o) = _packed(n, k, group, "cuda", seed=split)
+    base = dict(BLOCK_T=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=split, num_warps=4, num_stages=3, XS=0)
+    x = torch.randn(5, k, device="cuda", dtype=torch.bfloat16)
+    ref = W.launch(x, qw, s, o, None, 4, group, dict(base, PDL=False))
+    _check(ref, p, x)
+    for pf in (0, 1, 8):
+        assert torch.equal(W.launch(x, qw, s, o, None, 4, group, dict(base, PDL=True, PF=pf)), ref)
+
+    def chain(y, pdl):  # [5, K] -> three calls, each on the previous one's output -> [5, N]
+        for _ in range(3):
+            y = W.launch(y, qw, s, o, None, 4, group, dict(base, PDL=pdl, PF=2))
+        return y
+
+    static_x = x.clone()
+    chain(static_x, True)  # warm-up outside the capture (compiles, makes the counters)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = chain(static_x, True)
+    for scale in (2.0, -0.5):
+        static_x.copy_(x * scale)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, chain(x * scale, False))
