@@ -7,8 +7,8 @@ For each shape class of ``wq_matmul.shape_class`` (N and K buckets) and each tok
 ``wq_matmul.t_bucket`` (default T 1 and 16, both in the bucket "16": the kernel pads 1-16
 tokens to one 16-column dot), stage 1 times tile candidates (BLOCK_N, BLOCK_K, warps, XS; the
 current table entry too) on every benchmark shape of the class and T of the bucket; stage 2 varies split-K (``WAVES``: programs per SM asked of the
-split), stage 3 ``num_stages`` of the best, stage 4 the L2 prefetch depth ``PF`` under
-programmatic dependent launch, and PDL off. Every result is checked against torch (fp64 on
+split), stage 3 ``num_stages`` of the best, stage 4 programmatic dependent launch (PDL) on,
+stage 5 (if PDL won) the depth ``PF`` of its L2 prefetch. Every result is checked against torch (fp64 on
 the dequantised weight) before it is timed; a wrong candidate is reported and never chosen.
 Timings replay a CUDA graph of one call per distinct copy of the weights (>= 512 MB
 streamed, so they come from HBM, not L2), as ``bench_linear.py``; the ceiling is a 1 GiB
@@ -55,14 +55,17 @@ SHAPES = [
 
 
 def E(bn, bk, warps=4, waves=2, stages=3, bt=16, xs=1):
-    return W._entry(bt, bn, bk, waves, warps, stages, xs, pdl=1, pf=2)
+    return W._entry(bt, bn, bk, waves, warps, stages, xs, pdl=0, pf=0)
 
 
 #: stage-1 tile candidates (WAVES 2, three stages; earlier H200 sweeps: BLOCK_N 16/32 and BLOCK_K
 #: 512/1024 lost) and the three ways to get the groups' x sums (XS); the current table entry is added
 TILES = [E(64, 128), E(64, 128, xs=0), E(64, 128, xs=2), E(128, 128), E(128, 128, xs=0), E(128, 128, xs=2),
          E(64, 256), E(64, 256, xs=0), E(64, 256, xs=2), E(128, 256), E(128, 128, 8), E(256, 128, 8),
-         E(256, 128, 8, xs=0)]
+         E(256, 128, 8, xs=0),
+         # two warps: Triton's mma.sync dot (wgmma needs 4 warps), no async-proxy fence per group
+         E(64, 128, 2), E(64, 128, 2, xs=0), E(64, 128, 2, xs=2), E(64, 256, 2), E(64, 256, 2, xs=2),
+         E(32, 128, 2, xs=0), E(32, 128, 2, xs=2), E(32, 256, 2, xs=2)]
 WAVES = (1, 2, 4, 8, 16)
 STAGES = (2, 3, 4, 5)
 PREFETCH = (0, 1, 2, 4, 8, 64)  # K tiles per row (64: the whole run of a program, at these shapes)
@@ -171,9 +174,11 @@ def main() -> None:
                 for e in stage1:
                     c.run(e)
             best = best_entry(cases, stage1)
-            for values, field in ((WAVES, "WAVES"), (STAGES, "num_stages"), (PREFETCH, "PF"), ((0, 1), "PDL")):
+            for values, field in ((WAVES, "WAVES"), (STAGES, "num_stages"), ((0, 1), "PDL"), (PREFETCH, "PF")):
                 if best is None or time.time() - began > args.budget:
                     break
+                if field == "PF" and not best["PDL"]:
+                    continue
                 stage = [best] + [dict(best, **{field: v}) for v in values if v != best[field]]
                 for c in cases:
                     for e in stage:

@@ -42,9 +42,9 @@ start while the previous kernel of the stream is still running. Before ``gdc_wai
 waits until that kernel has finished and its writes are visible) it only touches the
 weights, which no kernel writes: it asks the L2 to fetch the first ``PF`` K tiles of its
 rows (``cp.async.bulk.prefetch.L2``, one request per row), so their HBM latency overlaps the
-previous kernel; x, the x sums and the output are read or written only after the wait. It
-lets the next kernel start at once (``gdc_launch_dependents``): every program of this launch
-is resident by then.
+previous kernel; x, the x sums and the output are read or written only after the wait. A
+program lets the next kernel launch (``gdc_launch_dependents``) when its K loop is done, so
+the next kernel's programs take the slots that the epilogues free.
 
 fp32 activations (and CPU tensors, which only the interpreter runs: its bf16 ``tl.dot``
 multiplies raw bits) take an fp32 ("ieee") dot on fp32 ``MAGIC + q``.
@@ -158,7 +158,6 @@ def int4_kernel(x_ptr, xs_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, out_ptr, part_ptr, c
             n_pf = tl.maximum(tl.minimum(k_hi, k_lo + PF) - k_lo, 0)
             first = qw_ptr + tl.minimum(rn, N - 1).to(tl.int64) * KQ + k_lo * (BLOCK_K // 4)  # [BN]
             _prefetch_l2(first, n_pf * (BLOCK_K // 2))
-        tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()  # the previous kernel (x's producer) has finished
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     s_c, c_c, xs_c = _coef(s_ptr, o_ptr, xs_ptr, tl.minimum(k_lo, n_kt - 1) * GT, g_rows, rt, mask_n, mask_t, n_groups,
@@ -203,6 +202,8 @@ def int4_kernel(x_ptr, xs_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, out_ptr, part_ptr, c
                 else:
                     acc += accg * s[:, None] + c[:, None] * xs[None, :]
         s_c, c_c, xs_c = s_n, c_n, xs_n
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     mask_out = mask_n[:, None] & mask_t[None, :]
     out_off = rt64[None, :] * N + rn[:, None]  # [BN, BT]
     if not USE_SPLIT:

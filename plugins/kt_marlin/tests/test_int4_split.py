@@ -100,3 +100,40 @@ def test_pdl_and_prefetch_gpu(split):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(static_y, chain(x * scale, False))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("bn,warps,xs", [(32, 2, 0), (64, 2, 2), (64, 2, 1), (64, 4, 2), (64, 4, 0)])
+def test_mma_sync_and_wgmma_tiles_gpu(bn, warps, xs):
+    """Two-warp tiles (Triton's mma.sync dot) and four-warp ones (wgmma), each way of summing
+    x, split-K 3 and 1, T = 1, 9, 16 on an odd N: the fp64 product within bf16 tolerance."""
+    n, k, group = 333, 1536, 128
+    p, (qw, s, o) = _packed(n, k, group, "cuda", seed=bn + warps + xs)
+    for t in (1, 9, 16):
+        x = torch.randn(t, k, device="cuda", dtype=torch.bfloat16)
+        for split in (3, 1):
+            cfg = dict(BLOCK_T=16, BLOCK_N=bn, BLOCK_K=256, SPLIT_K=split, num_warps=warps, num_stages=3, XS=xs)
+            _check(W.launch(x, qw, s, o, None, 4, group, cfg), p, x)
+
+
+@pytest.mark.cuda
+def test_capture_before_any_counters_gpu(monkeypatch):
+    """A split-K call first seen inside a graph capture (no counter buffer yet) captures its own
+    zeroed counters; replays on new activations match eager calls bit for bit."""
+    n, k, group = 700, 2048, 128
+    p, (qw, s, o) = _packed(n, k, group, "cuda", seed=3)
+    cfg = dict(BLOCK_T=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=4, num_warps=4, num_stages=3, XS=2)
+    x = torch.randn(2, k, device="cuda", dtype=torch.bfloat16)
+    W.launch(x, qw, s, o, None, 4, group, cfg)  # compile outside the capture
+    torch.cuda.synchronize()
+    monkeypatch.setattr(W, "_COUNTERS", {})
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = W.launch(static_x, qw, s, o, None, 4, group, cfg)
+    assert not W._COUNTERS
+    for scale in (1.0, -3.0):
+        static_x.copy_(x * scale)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_y, W.launch(x * scale, qw, s, o, None, 4, group, cfg))
