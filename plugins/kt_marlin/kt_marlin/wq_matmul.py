@@ -166,7 +166,7 @@ def t_bucket(t: int) -> str:
     return next(name for lim, name in T_BUCKETS if lim is None or t <= lim)
 
 
-def _entry(bt, bn, bk, waves, warps, stages, xs=0, pdl=1, pf=2) -> dict:
+def _entry(bt, bn, bk, waves, warps, stages, xs=0, pdl=0, pf=0) -> dict:
     return dict(BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk, WAVES=waves, num_warps=warps, num_stages=stages, XS=xs,
                 PDL=pdl, PF=pf)
 
