@@ -30,10 +30,10 @@ def main() -> None:
         for pdl in (True, False):
             c = dict(cfg, PDL=pdl)
             hbm = graph_time([lambda c0=c0: W.launch(x, *c0, None, 4, 128, c) for c0 in copies])
-            l2 = graph_time([lambda: W.launch(x, *copies[0], None, 4, 128, c)] * 32)
+            one = copies[0]
+            l2 = graph_time([lambda: W.launch(x, *one, None, 4, 128, c)] * 32)
             print(f"N={n} K={k} {cfg} pdl={pdl}: hbm {hbm * 1e6:.2f} us ({nbytes / hbm / 1e9:.0f} GB/s), "
                   f"same copy x32 {l2 * 1e6:.2f} us", flush=True)
-        del copies
 
 
 if __name__ == "__main__":

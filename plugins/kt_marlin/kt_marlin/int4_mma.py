@@ -34,8 +34,8 @@ of K tiles (a row's loads follow each other in memory), stores its fp32 partial,
 tile's counter (acq_rel atomic), and the program that arrives last adds the partials **in the
 fixed order 0..S-1**, adds the bias and stores: deterministic, one launch, no separate
 reduction pass. That program also sets the tile's counter back to 0, so the counters
-(``wq_matmul`` keeps one zeroed buffer per device and stream) are ready for the next launch
-without a memset: a captured CUDA graph replays correctly.
+(``wq_matmul`` gives each stream a region of one zeroed buffer per device) are ready for the
+next launch without a memset: a captured CUDA graph replays correctly.
 
 ``PDL`` (programmatic dependent launch, sm_90): launched with ``launch_pdl``, the kernel may
 start while the previous kernel of the stream is still running. Before ``gdc_wait`` (which

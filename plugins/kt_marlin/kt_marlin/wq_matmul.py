@@ -16,11 +16,16 @@ interpreter runs (its bf16 ``tl.dot`` multiplies the raw bits).
 Registered as ``torch.ops.kt_marlin.wq_matmul`` (``custom_op`` + ``register_fake``): no host
 synchronisation, fixed allocations, so it captures in CUDA graphs and compiles fullgraph.
 
-int4 split-K counters: one zeroed int32 buffer per (device, stream), made outside graph
-capture (during a capture that has none yet, a ``torch.zeros`` per call as before); the
-kernel leaves it zeroed. Launches in flight at the same time must be on different streams
-(a graph replayed on one stream while eager calls run on the stream it was captured on
-would share the capture stream's buffer).
+int4 split-K counters: one zeroed int32 buffer per device, made by the first eager call
+(``torch.zeros`` and a synchronisation), cut into ``_REGIONS`` regions of ``_REGION``
+counters; each stream that launches gets its own region the first time, also while it is
+being captured (a graph capture runs on a stream of its own: it takes a fresh region, which
+is zero, and needs no memset), and the kernel leaves the counters it used zeroed. Launches
+in flight at the same time on different streams never share counters; graphs captured on
+one stream share its region, so replay them one at a time, and not while eager calls run
+on that stream. Before any eager call on the
+device, when the regions are used up or when a launch needs more than ``_REGION`` counters,
+a call takes a ``torch.zeros`` of its own (a memset, captured as such).
 """
 
 from __future__ import annotations
@@ -93,24 +98,32 @@ def _sms(device: torch.device) -> int:
     return _sm_count(_index(device))
 
 
-_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
-_MIN_COUNTERS = 1 << 14
+_REGION = 1 << 12  # counters per stream (a split launch uses one per output tile)
+_REGIONS = 64  # streams per device
+_COUNTERS: dict[str, torch.Tensor] = {}  # device -> [_REGIONS * _REGION] int32, zero between launches
+_SLOTS: dict[tuple[str, int], int] = {}  # (device, stream) -> its region
 
 
 def _counters(n: int, device: torch.device) -> torch.Tensor:
-    """``n`` zeroed int32 split-K counters that every launch leaves zeroed (see the module doc)."""
+    """``n`` zeroed int32 split-K counters that the launch leaves zeroed (see the module doc)."""
     cuda = device.type == "cuda"
-    stream = torch.cuda.current_stream(device) if cuda else None
-    key = (str(device), stream.cuda_stream if cuda else 0)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        if cuda and torch.cuda.is_current_stream_capturing():
-            return torch.zeros(n, dtype=torch.int32, device=device)
-        buf = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
+    dev = str(device)
+    buf = _COUNTERS.get(dev)
+    capturing = cuda and torch.cuda.is_current_stream_capturing()
+    if buf is None and not capturing:
+        buf = torch.zeros(_REGIONS * _REGION, dtype=torch.int32, device=device)
         if cuda:
             torch.cuda.synchronize(device)  # zeroed before any stream uses it
-        _COUNTERS[key] = buf
-    return buf[:n]
+        _COUNTERS[dev] = buf
+    key = (dev, torch.cuda.current_stream(device).cuda_stream if cuda else 0)
+    if buf is not None and key not in _SLOTS:
+        used = sum(d == dev for d, _ in _SLOTS)
+        if used < _REGIONS:
+            _SLOTS[key] = used
+    slot = _SLOTS.get(key)
+    if buf is None or slot is None or n > _REGION:
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    return buf[slot * _REGION:slot * _REGION + n]
 
 
 @functools.lru_cache(maxsize=None)

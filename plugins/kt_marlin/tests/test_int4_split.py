@@ -56,8 +56,8 @@ def test_split_counters_are_left_zeroed(device):
     x = torch.randn(3, k, generator=torch.Generator().manual_seed(8)).to(device)
     base = dict(BLOCK_T=16, BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=2, XS=0)
     first = {split: W.launch(x, qw, s, o, None, 4, group, dict(base, SPLIT_K=split)) for split in (2, 4, 3)}
-    bufs = [b for key, b in W._COUNTERS.items() if key[0] == str(x.device)]
-    assert bufs and all(int(b.abs().sum()) == 0 for b in bufs)
+    bufs = [W._COUNTERS[str(x.device)]]
+    assert int(bufs[0].abs().sum()) == 0
     for split, y in first.items():
         _check(y, p, x)
         again = W.launch(x, qw, s, o, None, 4, group, dict(base, SPLIT_K=split))
@@ -117,9 +117,11 @@ def test_mma_sync_and_wgmma_tiles_gpu(bn, warps, xs):
 
 
 @pytest.mark.cuda
-def test_capture_before_any_counters_gpu(monkeypatch):
-    """A split-K call first seen inside a graph capture (no counter buffer yet) captures its own
-    zeroed counters; replays on new activations match eager calls bit for bit."""
+def test_counter_regions_per_stream_and_capture_gpu(monkeypatch):
+    """Split-K counters: a call first seen inside a graph capture (no counter buffer on the
+    device yet) takes a zeroed tensor of its own; once an eager call has made the buffer,
+    each stream (a capture stream too) gets its own region of it. Replays on new activations
+    and calls on a second stream match eager calls bit for bit; the buffer is zero after."""
     n, k, group = 700, 2048, 128
     p, (qw, s, o) = _packed(n, k, group, "cuda", seed=3)
     cfg = dict(BLOCK_T=16, BLOCK_N=64, BLOCK_K=256, SPLIT_K=4, num_warps=4, num_stages=3, XS=2)
@@ -127,13 +129,33 @@ def test_capture_before_any_counters_gpu(monkeypatch):
     W.launch(x, qw, s, o, None, 4, group, cfg)  # compile outside the capture
     torch.cuda.synchronize()
     monkeypatch.setattr(W, "_COUNTERS", {})
-    static_x = x.clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = W.launch(static_x, qw, s, o, None, 4, group, cfg)
-    assert not W._COUNTERS
-    for scale in (1.0, -3.0):
-        static_x.copy_(x * scale)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(static_y, W.launch(x * scale, qw, s, o, None, 4, group, cfg))
+    monkeypatch.setattr(W, "_SLOTS", {})
+
+    def capture():
+        static_x = x.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = W.launch(static_x, qw, s, o, None, 4, group, cfg)
+            stream = torch.cuda.current_stream().cuda_stream
+        return graph, static_x, static_y, stream
+
+    first = capture()
+    assert not W._COUNTERS  # no buffer made inside a capture
+    ref = W.launch(x, qw, s, o, None, 4, group, cfg)  # makes the buffer (default stream's region)
+    _check(ref, p, x)
+    second = capture()
+    assert (str(x.device), second[3]) in W._SLOTS  # the capture stream's own region
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y_side = W.launch(x, qw, s, o, None, 4, group, cfg)
+    torch.cuda.current_stream().wait_stream(side)
+    assert len(set(W._SLOTS.values())) == len(W._SLOTS) >= 2  # one region per stream
+    assert torch.equal(y_side, ref)
+    for graph, static_x, static_y, _ in (first, second):
+        for scale in (1.0, -3.0):
+            static_x.copy_(x * scale)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(static_y, W.launch(x * scale, qw, s, o, None, 4, group, cfg))
+    assert int(W._COUNTERS[str(x.device)].abs().sum()) == 0
