@@ -192,7 +192,7 @@ def main() -> None:
                 row = {"shape": c.name, "N": c.n, "K": c.k, "T": c.t, "class": cls, "bytes": c.nbytes,
                        "bf16_us": c.bf16_us, "best": key(best) if best else None, "best_config": r.get("config"),
                        "best_us": r.get("us"), "table_us": c.results.get(key(current), {}).get("us"),
-                       "no_pdl_us": c.results.get(key(dict(best, PDL=0)), {}).get("us") if best else None,
+                       "no_pdl_us": c.results.get(key(dict(best, PDL=0, PF=0)), {}).get("us") if best else None,
                        "errors": bad,
                        "all": {name: {k2: v for k2, v in row.items() if k2 != "entry"} for name, row in c.results.items()}}
                 if "us" in r:

@@ -23,9 +23,9 @@ being captured (a graph capture runs on a stream of its own: it takes a fresh re
 is zero, and needs no memset), and the kernel leaves the counters it used zeroed. Launches
 in flight at the same time on different streams never share counters; graphs captured on
 one stream share its region, so replay them one at a time, and not while eager calls run
-on that stream. Before any eager call on the
-device, when the regions are used up or when a launch needs more than ``_REGION`` counters,
-a call takes a ``torch.zeros`` of its own (a memset, captured as such).
+on that stream. Before any eager call on the device, when the regions are used up or when
+a launch needs more than ``_REGION`` counters, a call takes a ``torch.zeros`` of its own (a
+memset, captured as such).
 """
 
 from __future__ import annotations
