@@ -5,7 +5,8 @@ kernels) as fractions of the HBM bandwidth measured in the same run.
 - int4 (group 128, ``mma`` layout) on DeepSeek-V3 and Qwen3 projection shapes at T = 1, 2,
   4, 8, 16: µs, packed weight bytes (int16 elements + fp16 scales/offsets) per second, their
   fraction of the copy ceiling, and the speed-up over torch bf16 ``F.linear`` on the same
-  shape and T;
+  shape and T; where the config uses programmatic dependent launch (PDL: a call overlaps
+  the end of the call before it in the graph), also the µs of the same config without it;
 - GGUF dequantisation to bf16: (GGUF bytes read + bf16 bytes written) per second over the
   ceiling.
 
@@ -168,8 +169,8 @@ def main() -> None:
     result["hbm_copy"] = ceiling
     gbps = ceiling["GBps"] * 1e9
     print(f"# {result['device']}, triton {result['triton']}: copy ceiling {ceiling['GBps']:.0f} GB/s", flush=True)
-    print("| shape | N | K | T | int4 µs | GB/s | of copy | bf16 µs | speed-up |", flush=True)
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
+    print("| shape | N | K | T | int4 µs | GB/s | of copy | bf16 µs | speed-up | int4 µs without PDL |", flush=True)
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
     save()
     result["int4"] = []
     for model, proj, n, k in SHAPES:
@@ -177,9 +178,11 @@ def main() -> None:
             result["skipped_after"] = f"{model} {proj}: budget of {args.budget}s spent"
             break
         copies, nbytes = int4_copies(n, k)
-        row = {"model": model, "proj": proj, "N": n, "K": k, "int4_bytes": nbytes,
-               "config": {t: choose_config(t, n, k, 4, GROUP, torch.device("cuda")) for t in TOKENS}}
-        times4 = {t: bench_int4(t, k, copies) for t in TOKENS}
+        configs = {t: choose_config(t, n, k, 4, GROUP, torch.device("cuda")) for t in TOKENS}
+        row = {"model": model, "proj": proj, "N": n, "K": k, "int4_bytes": nbytes, "config": configs}
+        times4 = {t: bench_int4(t, k, copies, configs[t]) for t in TOKENS}
+        if any(c.get("PDL") for c in configs.values()):
+            row["int4_no_pdl_us"] = {t: bench_int4(t, k, copies, dict(configs[t], PDL=False)) * 1e6 for t in TOKENS}
         del copies
         times16 = bench_bf16(n, k, TOKENS)
         row["int4_us"] = {t: v * 1e6 for t, v in times4.items()}
@@ -189,9 +192,10 @@ def main() -> None:
         row["bf16_GBps"] = {t: n * k * 2 / v / 1e9 for t, v in times16.items()}
         row["speedup_vs_bf16"] = {t: times16[t] / times4[t] for t in TOKENS}
         for t in TOKENS:
+            no_pdl = row.get("int4_no_pdl_us", {}).get(t, float("nan"))
             print(f"| {model} {proj} | {n} | {k} | {t} | {row['int4_us'][t]:.1f} | {row['int4_GBps'][t]:.0f} | "
                   f"{row['int4_fraction_of_copy'][t]:.2f} | {row['bf16_us'][t]:.1f} | "
-                  f"{row['speedup_vs_bf16'][t]:.2f}x |", flush=True)
+                  f"{row['speedup_vs_bf16'][t]:.2f}x | {no_pdl:.1f} |", flush=True)
         result["int4"].append(row)
         save()
     if args.dequant and time.time() - began < args.budget:

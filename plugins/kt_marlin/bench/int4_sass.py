@@ -36,7 +36,8 @@ def loop_opcodes(sass: str) -> collections.Counter:
     return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in best)
 
 
-def compile_int4(bn: int, bk: int, warps: int, xs: int, stages: int = 3, group: int = 128):
+def compile_int4(bn: int, bk: int, warps: int, xs: int, stages: int = 3, group: int = 128, pdl: bool = False,
+                 pf: int = 0):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -46,8 +47,8 @@ def compile_int4(bn: int, bk: int, warps: int, xs: int, stages: int = 3, group: 
     types = dict(x_ptr="*bf16", xs_ptr="*fp32", qw_ptr="*i16", s_ptr="*fp16", o_ptr="*fp16", b_ptr="*bf16",
                  out_ptr="*bf16", part_ptr="*fp32", cnt_ptr="*i32", T="i32", N="i32", K="i32", KQ="i32",
                  stride_x="i32", SPLIT_K="i32")
-    ce = dict(GROUP=group, MAGIC=128, ASM=True, DOT_IEEE=False, HAS_BIAS=False, USE_SPLIT=True, XS=xs,
-              BLOCK_T=16, BLOCK_N=bn, BLOCK_K=bk)
+    ce = dict(GROUP=group, MAGIC=128, ASM=True, DOT_IEEE=False, HAS_BIAS=False, USE_SPLIT=True, XS=xs, PDL=pdl,
+              PF=pf, BLOCK_T=16, BLOCK_N=bn, BLOCK_K=bk)
     names = int4_kernel.arg_names
     sig = {n: types.get(n, "constexpr") for n in names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n in types and n not in ("T", "SPLIT_K")}

@@ -57,20 +57,25 @@ def render(r: dict) -> str:
              f"## int4 (group {r.get('group', 128)}) vs bf16 `F.linear`, T = {' / '.join(tokens)}", "",
              "GB/s: packed int4 bytes (weights + fp16 scales and offsets) per second; of copy: that over "
              "the copy ceiling; speed-up: bf16 time / int4 time.", "",
-             "| model | projection | N | K | int4 µs | int4 GB/s | of copy | bf16 µs | speed-up vs bf16 |",
-             "| --- | --- | ---: | ---: | --- | --- | --- | --- | --- |"]
+             "| model | projection | N | K | int4 µs | int4 GB/s | of copy | bf16 µs | speed-up vs bf16 "
+             "| int4 µs without PDL |",
+             "| --- | --- | ---: | ---: | --- | --- | --- | --- | --- | --- |"]
 
     def per_t(row, key, fmt):
-        return " / ".join(format(row[key][t], fmt) for t in tokens)
+        return " / ".join(format(row[key][t], fmt) for t in tokens) if key in row else "-"
 
     for row in rows:
         lines.append(f"| {row['model']} | {row['proj']} | {row['N']} | {row['K']} | {per_t(row, 'int4_us', '.1f')} | "
                      f"{per_t(row, 'int4_GBps', '.0f')} | {per_t(row, 'int4_fraction_of_copy', '.2f')} | "
-                     f"{per_t(row, 'bf16_us', '.1f')} | {per_t(row, 'speedup_vs_bf16', '.2f')} |")
+                     f"{per_t(row, 'bf16_us', '.1f')} | {per_t(row, 'speedup_vs_bf16', '.2f')} | "
+                     f"{per_t(row, 'int4_no_pdl_us', '.1f')} |")
     if "skipped_after" in r:
         lines += ["", f"Skipped from {r['skipped_after']}."]
     lines += ["", "Each int4 / bf16 timing replays a CUDA graph of one call per distinct weight copy, at least "
-              "512 MB streamed per graph (or one copy when larger), so the weights come from HBM."]
+              "512 MB streamed per graph (or one copy when larger), so the weights come from HBM. With PDL "
+              "(programmatic dependent launch) each int4 call starts while the previous call of the graph "
+              "finishes and has the L2 fetch its first weight tiles meanwhile; \"without PDL\" is the same "
+              "config launched plainly (it starts when the previous kernel has finished)."]
     if not r.get("dequant_bf16"):
         return "\n".join(lines) + "\n"
     lines += ["", "## GGUF dequantisation to bf16 (7168 x 7168)", "",

@@ -7,7 +7,8 @@ For each shape class of ``wq_matmul.shape_class`` (N and K buckets) and each tok
 ``wq_matmul.t_bucket`` (default T 1 and 16, both in the bucket "16": the kernel pads 1-16
 tokens to one 16-column dot), stage 1 times tile candidates (BLOCK_N, BLOCK_K, warps, XS; the
 current table entry too) on every benchmark shape of the class and T of the bucket; stage 2 varies split-K (``WAVES``: programs per SM asked of the
-split), stage 3 ``num_stages`` of the best. Every result is checked against torch (fp64 on
+split), stage 3 ``num_stages`` of the best, stage 4 programmatic dependent launch (PDL) on,
+stage 5 (if PDL won) the depth ``PF`` of its L2 prefetch. Every result is checked against torch (fp64 on
 the dequantised weight) before it is timed; a wrong candidate is reported and never chosen.
 Timings replay a CUDA graph of one call per distinct copy of the weights (>= 512 MB
 streamed, so they come from HBM, not L2), as ``bench_linear.py``; the ceiling is a 1 GiB
@@ -54,20 +55,25 @@ SHAPES = [
 
 
 def E(bn, bk, warps=4, waves=2, stages=3, bt=16, xs=1):
-    return W._entry(bt, bn, bk, waves, warps, stages, xs)
+    return W._entry(bt, bn, bk, waves, warps, stages, xs, pdl=0, pf=0)
 
 
 #: stage-1 tile candidates (WAVES 2, three stages; earlier H200 sweeps: BLOCK_N 16/32 and BLOCK_K
 #: 512/1024 lost) and the three ways to get the groups' x sums (XS); the current table entry is added
 TILES = [E(64, 128), E(64, 128, xs=0), E(64, 128, xs=2), E(128, 128), E(128, 128, xs=0), E(128, 128, xs=2),
-         E(64, 256), E(128, 256), E(128, 128, 8), E(256, 128, 8), E(256, 128, 8, xs=0)]
-WAVES = (1, 2, 4, 8)
+         E(64, 256), E(64, 256, xs=0), E(64, 256, xs=2), E(128, 256), E(128, 128, 8), E(256, 128, 8),
+         E(256, 128, 8, xs=0),
+         # two warps: Triton's mma.sync dot (wgmma needs 4 warps), no async-proxy fence per group
+         E(64, 128, 2), E(64, 128, 2, xs=0), E(64, 128, 2, xs=2), E(64, 256, 2), E(64, 256, 2, xs=2),
+         E(32, 128, 2, xs=0), E(32, 128, 2, xs=2), E(32, 256, 2, xs=2)]
+WAVES = (1, 2, 4, 8, 16)
 STAGES = (2, 3, 4, 5)
+PREFETCH = (0, 1, 2, 4, 8, 64)  # K tiles per row (64: the whole run of a program, at these shapes)
 
 
 def key(e: dict) -> str:
     return (f"T{e['BLOCK_T']} N{e['BLOCK_N']} K{e['BLOCK_K']} w{e['WAVES']} warps{e['num_warps']} "
-            f"st{e['num_stages']} xs{e.get('XS', 0)}")
+            f"st{e['num_stages']} xs{e.get('XS', 0)} pdl{e.get('PDL', 0)} pf{e.get('PF', 0)}")
 
 
 class Case:
@@ -144,8 +150,9 @@ def main() -> None:
     classes: dict[str, list] = {}
     for shape in SHAPES:
         classes.setdefault(W.shape_class(shape[2], shape[3]), []).append(shape)
-    print("| shape | T | best config | µs | GB/s | of copy | vs bf16 | (table entry µs) |", flush=True)
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |", flush=True)
+    print("| shape | T | best config | µs | GB/s | of copy | vs bf16 | (table entry µs) | (best, PDL off, µs) |",
+          flush=True)
+    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |", flush=True)
     for cls, shapes in classes.items():
         if time.time() - began > args.budget:
             result["skipped_after"] = f"class {cls}: budget of {args.budget}s spent"
@@ -167,9 +174,11 @@ def main() -> None:
                 for e in stage1:
                     c.run(e)
             best = best_entry(cases, stage1)
-            for values, field in ((WAVES, "WAVES"), (STAGES, "num_stages")):
+            for values, field in ((WAVES, "WAVES"), (STAGES, "num_stages"), ((0, 1), "PDL"), (PREFETCH, "PF")):
                 if best is None or time.time() - began > args.budget:
                     break
+                if field == "PF" and not best["PDL"]:
+                    continue
                 stage = [best] + [dict(best, **{field: v}) for v in values if v != best[field]]
                 for c in cases:
                     for e in stage:
@@ -182,16 +191,20 @@ def main() -> None:
                 bad = [f"{name}: {row['error']}" for name, row in c.results.items() if "error" in row]
                 row = {"shape": c.name, "N": c.n, "K": c.k, "T": c.t, "class": cls, "bytes": c.nbytes,
                        "bf16_us": c.bf16_us, "best": key(best) if best else None, "best_config": r.get("config"),
-                       "best_us": r.get("us"), "table_us": c.results.get(key(current), {}).get("us"), "errors": bad,
+                       "best_us": r.get("us"), "table_us": c.results.get(key(current), {}).get("us"),
+                       "no_pdl_us": c.results.get(key(dict(best, PDL=0, PF=0)), {}).get("us") if best else None,
+                       "errors": bad,
                        "all": {name: {k2: v for k2, v in row.items() if k2 != "entry"} for name, row in c.results.items()}}
                 if "us" in r:
                     gbps = c.nbytes / r["us"] / 1e3
                     row.update(GBps=gbps, of_copy=gbps / copy["GBps"], vs_bf16=c.bf16_us / r["us"])
                     cfg = r["config"]
                     desc = (f"T{cfg['BLOCK_T']} N{cfg['BLOCK_N']} K{cfg['BLOCK_K']} split{cfg['SPLIT_K']} "
-                            f"warps{cfg['num_warps']} st{cfg['num_stages']} xs{cfg['XS']}")
+                            f"warps{cfg['num_warps']} st{cfg['num_stages']} xs{cfg['XS']} pdl{int(cfg['PDL'])} "
+                            f"pf{cfg['PF']}")
                     print(f"| {c.name} | {c.t} | {desc} | {r['us']:.1f} | {gbps:.0f} | {row['of_copy']:.2f} | "
-                          f"{row['vs_bf16']:.2f}x | {row['table_us'] or float('nan'):.1f} |", flush=True)
+                          f"{row['vs_bf16']:.2f}x | {row['table_us'] or float('nan'):.1f} | "
+                          f"{row['no_pdl_us'] or float('nan'):.1f} |", flush=True)
                 for b in bad:
                     print(f"|   {c.name} T={c.t} FAILED {b} |", flush=True)
                 rows.append(row)

@@ -33,7 +33,18 @@ Split-K (``SPLIT_K`` programs per output tile along K): each program takes a con
 of K tiles (a row's loads follow each other in memory), stores its fp32 partial, bumps the
 tile's counter (acq_rel atomic), and the program that arrives last adds the partials **in the
 fixed order 0..S-1**, adds the bias and stores: deterministic, one launch, no separate
-reduction pass (the counters come from a ``torch.zeros``).
+reduction pass. That program also sets the tile's counter back to 0, so the counters
+(``wq_matmul`` gives each stream a region of one zeroed buffer per device) are ready for the
+next launch without a memset: a captured CUDA graph replays correctly.
+
+``PDL`` (programmatic dependent launch, sm_90): launched with ``launch_pdl``, the kernel may
+start while the previous kernel of the stream is still running. Before ``gdc_wait`` (which
+waits until that kernel has finished and its writes are visible) it only touches the
+weights, which no kernel writes: it asks the L2 to fetch the first ``PF`` K tiles of its
+rows (``cp.async.bulk.prefetch.L2``, one request per row), so their HBM latency overlaps the
+previous kernel; x, the x sums and the output are read or written only after the wait. A
+program lets the next kernel launch (``gdc_launch_dependents``) when its K loop is done, so
+the next kernel's programs take the slots that the epilogues free.
 
 fp32 activations (and CPU tensors, which only the interpreter runs: its bf16 ``tl.dot``
 multiplies raw bits) take an fp32 ("ieee") dot on fp32 ``MAGIC + q``.
@@ -83,6 +94,15 @@ def _unpack_int(b, MAGIC: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_l2(ptrs, nbytes):
+    """Asks the L2 to fetch ``nbytes`` (a multiple of 16, 0: nothing) from each address of
+    ``ptrs`` (16-byte aligned): ``cp.async.bulk.prefetch.L2``, no registers written."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _cat(a, b):
     """``[BN, P]``, ``[BN, P]`` -> ``[BN, 2P]``: a's columns then b's (in the dot-operand
     layout this only renames registers: P is a multiple of the dot's K step 16)."""
@@ -105,8 +125,8 @@ def _coef(s_ptr, o_ptr, xs_ptr, g, rows, rt, mask_n, mask_t, n_groups, MAGIC: tl
 @triton.jit
 def int4_kernel(x_ptr, xs_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, out_ptr, part_ptr, cnt_ptr, T, N, K, KQ, stride_x, SPLIT_K,
                 GROUP: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr, DOT_IEEE: tl.constexpr,
-                HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, XS: tl.constexpr,
-                BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, XS: tl.constexpr, PDL: tl.constexpr,
+                PF: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -133,6 +153,12 @@ def int4_kernel(x_ptr, xs_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, out_ptr, part_ptr, c
     per = tl.cdiv(n_kt, SPLIT_K)
     k_lo = pid_k * per
     k_hi = tl.minimum(k_lo + per, n_kt)
+    if PDL:
+        if PF > 0:  # this program's first PF K tiles of each row (BLOCK_K / 2 bytes per tile)
+            n_pf = tl.maximum(tl.minimum(k_hi, k_lo + PF) - k_lo, 0)
+            first = qw_ptr + tl.minimum(rn, N - 1).to(tl.int64) * KQ + k_lo * (BLOCK_K // 4)  # [BN]
+            _prefetch_l2(first, n_pf * (BLOCK_K // 2))
+        tl.extra.cuda.gdc_wait()  # the previous kernel (x's producer) has finished
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     s_c, c_c, xs_c = _coef(s_ptr, o_ptr, xs_ptr, tl.minimum(k_lo, n_kt - 1) * GT, g_rows, rt, mask_n, mask_t, n_groups,
                            MAGIC, XS)
@@ -176,6 +202,8 @@ def int4_kernel(x_ptr, xs_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, out_ptr, part_ptr, c
                 else:
                     acc += accg * s[:, None] + c[:, None] * xs[None, :]
         s_c, c_c, xs_c = s_n, c_n, xs_n
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     mask_out = mask_n[:, None] & mask_t[None, :]
     out_off = rt64[None, :] * N + rn[:, None]  # [BN, BT]
     if not USE_SPLIT:
@@ -187,8 +215,10 @@ def int4_kernel(x_ptr, xs_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, out_ptr, part_ptr, c
         # in the fixed order 0..SPLIT_K-1 (deterministic) and stores the output
         tl.store(part_ptr + pid_k.to(tl.int64) * T * N + out_off, acc, mask=mask_out)
         tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + pid_n * tl.num_programs(1) + pid_t, 1, sem="acq_rel", scope="gpu")
+        cnt = cnt_ptr + pid_n * tl.num_programs(1) + pid_t
+        arrived = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
         if arrived == SPLIT_K - 1:
+            tl.store(cnt, 0)  # every program of the tile has counted: ready for the next launch
             total = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
             parts = part_ptr + out_off
             for _ in range(SPLIT_K):

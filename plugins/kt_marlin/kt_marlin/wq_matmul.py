@@ -15,6 +15,17 @@ interpreter runs (its bf16 ``tl.dot`` multiplies the raw bits).
 
 Registered as ``torch.ops.kt_marlin.wq_matmul`` (``custom_op`` + ``register_fake``): no host
 synchronisation, fixed allocations, so it captures in CUDA graphs and compiles fullgraph.
+
+int4 split-K counters: one zeroed int32 buffer per device, made by the first eager call
+(``torch.zeros`` and a synchronisation), cut into ``_REGIONS`` regions of ``_REGION``
+counters; each stream that launches gets its own region the first time, also while it is
+being captured (a graph capture runs on a stream of its own: it takes a fresh region, which
+is zero, and needs no memset), and the kernel leaves the counters it used zeroed. Launches
+in flight at the same time on different streams never share counters; graphs captured on
+one stream share its region, so replay them one at a time, and not while eager calls run
+on that stream. Before any eager call on the device, when the regions are used up or when
+a launch needs more than ``_REGION`` counters, a call takes a ``torch.zeros`` of its own (a
+memset, captured as such).
 """
 
 from __future__ import annotations
@@ -77,10 +88,51 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _sm_count(_index(device))
+
+
+_REGION = 1 << 12  # counters per stream (a split launch uses one per output tile)
+_REGIONS = 64  # streams per device
+_COUNTERS: dict[str, torch.Tensor] = {}  # device -> [_REGIONS * _REGION] int32, zero between launches
+_SLOTS: dict[tuple[str, int], int] = {}  # (device, stream) -> its region
+
+
+def _counters(n: int, device: torch.device) -> torch.Tensor:
+    """``n`` zeroed int32 split-K counters that the launch leaves zeroed (see the module doc)."""
+    cuda = device.type == "cuda"
+    dev = str(device)
+    buf = _COUNTERS.get(dev)
+    capturing = cuda and torch.cuda.is_current_stream_capturing()
+    if buf is None and not capturing:
+        buf = torch.zeros(_REGIONS * _REGION, dtype=torch.int32, device=device)
+        if cuda:
+            torch.cuda.synchronize(device)  # zeroed before any stream uses it
+        _COUNTERS[dev] = buf
+    key = (dev, torch.cuda.current_stream(device).cuda_stream if cuda else 0)
+    if buf is not None and key not in _SLOTS:
+        used = sum(d == dev for d, _ in _SLOTS)
+        if used < _REGIONS:
+            _SLOTS[key] = used
+    slot = _SLOTS.get(key)
+    if buf is None or slot is None or n > _REGION:
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    return buf[slot * _REGION:slot * _REGION + n]
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_supported(device_index: int) -> bool:
+    """Programmatic dependent launch: sm_90+ and a Triton that has ``launch_pdl``."""
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    return (torch.cuda.get_device_capability(device_index)[0] >= 9
+            and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}))
 
 
 def _block_k(k: int, unit: int, target: int) -> int:
@@ -105,7 +157,9 @@ def _split(tiles: int, k_tiles: int, waves: float, sms: int, max_split: int = 32
 # target: the largest unit * 2^i <= it dividing K), WAVES (split K until tiles * split >=
 # WAVES * SMs; 0: never), num_warps, num_stages (software pipelining: cp.async buffers), XS
 # (how the kernel gets each group's sum of x: 0 sums its x tile, 1 reads them from a
-# ``[T, K/G]`` fp32 tensor torch computes before the launch, 2 a tensor-core dot with ones).
+# ``[T, K/G]`` fp32 tensor torch computes before the launch, 2 a tensor-core dot with ones),
+# PDL (1: programmatic dependent launch where the GPU and Triton have it) and PF (with PDL:
+# K tiles per row each program has the L2 prefetch before it waits for the previous kernel).
 # bench/sweep_gemv.py measures candidates on the GPU and writes {"table": {...}} with keys
 # "<shape class>|<token bucket>"; copy that file to kt_marlin/gemv_table.json (or point
 # $KT_MARLIN_GEMV_TABLE at it) and choose_config uses it.
@@ -125,8 +179,9 @@ def t_bucket(t: int) -> str:
     return next(name for lim, name in T_BUCKETS if lim is None or t <= lim)
 
 
-def _entry(bt, bn, bk, waves, warps, stages, xs=0) -> dict:
-    return dict(BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk, WAVES=waves, num_warps=warps, num_stages=stages, XS=xs)
+def _entry(bt, bn, bk, waves, warps, stages, xs=0, pdl=0, pf=0) -> dict:
+    return dict(BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk, WAVES=waves, num_warps=warps, num_stages=stages, XS=xs,
+                PDL=pdl, PF=pf)
 
 
 #: Built-in entries, the same for every shape class (the split-K rule adapts them to N): for
@@ -162,8 +217,10 @@ def resolve(entry: dict, t: int, n: int, k: int, group: int, device: torch.devic
     bk = _block_k(k, packing.mma_unit(group), entry["BLOCK_K"])
     tiles = triton.cdiv(n, entry["BLOCK_N"]) * triton.cdiv(t, bt)
     split = _split(tiles, k // bk, entry["WAVES"], _sms(device)) if entry["WAVES"] else 1
+    pdl = bool(entry.get("PDL", 0)) and device.type == "cuda"
     return dict(BLOCK_T=bt, BLOCK_N=entry["BLOCK_N"], BLOCK_K=bk, SPLIT_K=split,
-                num_warps=entry["num_warps"], num_stages=entry["num_stages"], XS=entry.get("XS", 0))
+                num_warps=entry["num_warps"], num_stages=entry["num_stages"], XS=entry.get("XS", 0),
+                PDL=pdl, PF=entry.get("PF", 0) if pdl else 0)
 
 
 def int8_config(t: int, n: int, k: int, group: int, device: torch.device) -> dict:
@@ -194,7 +251,7 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets
            bias: Optional[torch.Tensor], bits: int, group: int, config: dict | None = None) -> torch.Tensor:
     """The kernel on ``x[T, K]`` (contiguous rows); ``config`` overrides the heuristic (a resolved
     config: ``BLOCK_T/N/K``, ``SPLIT_K``, ``num_warps``, int4 also ``num_stages`` and optionally
-    ``ASM``: False takes the integer-op unpack on the GPU too)."""
+    ``XS``, ``PDL``, ``PF`` and ``ASM``: False takes the integer-op unpack on the GPU too)."""
     t, k = x.shape
     n = qweight.shape[0]
     cfg = dict(config or choose_config(t, n, k, bits, group, x.device))
@@ -212,15 +269,21 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets
     if bits == 4:
         if qweight.dtype != torch.int16:
             raise ValueError("wq_matmul: int4 weights must be in the int16 mma layout (packing.to_mma)")
-        cnt = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=x.device) if split > 1 else out
+        cnt = _counters(grid[0] * grid[1], x.device) if split > 1 else out
         asm = cfg.pop("ASM", x.device.type == "cuda")
         cfg.setdefault("XS", 0)
+        pdl, pf = bool(cfg.pop("PDL", False)), cfg.pop("PF", 0)
+        pdl = pdl and x.device.type == "cuda" and _pdl_supported(_index(x.device))
+        # the L2 prefetch needs 16-byte aligned rows (K / 2 bytes: K is a multiple of 64)
+        pf = pf if pdl and qweight.data_ptr() % 16 == 0 else 0
+        launch_opts = {"launch_pdl": True} if pdl else {}
         # XS 1: each group's sum of x, [T, K/G] fp32, for the kernel's offset term
         xs = x.unflatten(1, (k // group, group)).sum(-1, dtype=torch.float32) if cfg["XS"] == 1 else scales
         with torch.device(x.device):
             int4_kernel[grid](x, xs, qweight, scales, offsets, b, out, part, cnt, t, n, k, k // 4, x.stride(0), split,
                               GROUP=group, MAGIC=1024 if x.dtype == torch.float16 else 128, ASM=asm and not dot_ieee,
-                              DOT_IEEE=dot_ieee, HAS_BIAS=bias is not None, USE_SPLIT=split > 1, **cfg)
+                              DOT_IEEE=dot_ieee, HAS_BIAS=bias is not None, USE_SPLIT=split > 1, PDL=pdl, PF=pf,
+                              **cfg, **launch_opts)
         return out
     with torch.device(x.device):
         _int8_kernel[grid](x, qweight, scales, out, part, b, t, n, k, x.stride(0),
