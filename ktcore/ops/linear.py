@@ -126,10 +126,14 @@ class TorchLinear(Linear):
 
 def dense_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, w, bias)`` for x [..., in] in w's dtype; one row of x on CUDA with a
-    contiguous bf16/fp16 w goes to ``torch.ops.ktcore.decode_gemv`` (the module docstring)."""
+    contiguous bf16/fp16 w of at most ``decode_gemv.MAX_ELEMENTS`` goes to
+    ``torch.ops.ktcore.decode_gemv`` (the module docstring)."""
     if (x.is_cuda and x.numel() == w.shape[-1] and w.dtype in (torch.bfloat16, torch.float16)
             and w.is_contiguous() and os.environ.get("KTCORE_DECODE_GEMV", "1") != "0"):
-        from ktcore.ops import decode_gemv  # noqa: F401  (imports triton; registers the op)
+        from ktcore.ops import decode_gemv  # imports triton; registers the op
+
+        if w.numel() > decode_gemv.MAX_ELEMENTS:
+            return F.linear(x, w, bias)
 
         y = torch.ops.ktcore.decode_gemv(x.reshape(-1), w, bias)  # [out]
         return y.reshape(*x.shape[:-1], w.shape[0])

@@ -79,11 +79,9 @@ def test_explicit_tiles(config, kernels, device, request):
     check(kernels.launch(x, w, b, dict(config, num_warps=4, num_stages=1)), x, w, b)
 
 
-def test_tiles_cover_every_sm(kernels, monkeypatch):
-    """BLOCK_N shrinks until the grid has four programs per SM (at least 4 rows a program)."""
-    monkeypatch.setattr(kernels, "_sm_count", lambda index: 132)
-    pick = {n: kernels.choose_config(n, 2048, torch.device("cuda", 0))["BLOCK_N"] for n in (512, 2048, 5120, 151936)}
-    assert pick == {512: 4, 2048: 4, 5120: 8, 151936: 32}
+def test_chosen_tiles(kernels):
+    assert kernels.choose_config(5120, 2048, torch.device("cuda", 0)) == dict(BLOCK_N=4, BLOCK_K=1024, num_warps=8,
+                                                                               num_stages=3)
     assert kernels.choose_config(64, 48, torch.device("cuda", 0))["BLOCK_K"] == 64
 
 
@@ -134,6 +132,9 @@ def test_dense_linear_dispatch_gpu(kernels, monkeypatch, request):
     one = x.reshape(1, 1, 256)
     assert torch.equal(dense_linear(one, w, b), torch.ops.ktcore.decode_gemv(x, w, b).reshape(1, 1, 300))
     assert torch.equal(dense_linear(rows, w, b), F.linear(rows, w, b))
+    monkeypatch.setattr(kernels, "MAX_ELEMENTS", w.numel() - 1)  # a larger weight: cuBLAS
+    assert torch.equal(dense_linear(one, w, b), F.linear(one, w, b))
+    monkeypatch.undo()
     monkeypatch.setenv("KTCORE_DECODE_GEMV", "0")
     assert torch.equal(dense_linear(one, w, b), F.linear(one, w, b))
     monkeypatch.delenv("KTCORE_DECODE_GEMV")
