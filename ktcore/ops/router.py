@@ -16,6 +16,10 @@ first), with no host synchronisation (capture-safe). Parameter names (``weight``
 ``e_score_correction_bias`` ``[E]``) are transformers', so ``load_state_dict`` of an HF
 router module's state dict works.
 
+On CUDA, for at most ``ROUTER_KERNEL_MAX_TOKENS`` tokens (decode), ``SoftmaxTopKRouter`` runs
+all of this in one Triton kernel (``ktcore.ops.router_kernel``, eager and compiled alike, so
+eager and captured decode pick the same experts), with the tie and NaN rules of ``small_topk``.
+
 Every top-k among experts goes through ``topk_experts``: compiled for CUDA, for few tokens
 (decode), it ranks the experts by comparisons (``small_topk``), which Inductor fuses into
 plain reductions, instead of ``torch.topk``'s select and sort kernels; eager, on the CPU and
@@ -28,6 +32,8 @@ weights.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import logging
 import math
 from dataclasses import dataclass
@@ -227,8 +233,38 @@ class Router(nn.Module):
         return f"spec={self.spec}{active}"
 
 
+#: Most tokens for which ``SoftmaxTopKRouter`` takes the one-kernel path (``uses_router_kernel``).
+ROUTER_KERNEL_MAX_TOKENS = 16
+
+
+@functools.lru_cache(maxsize=None)
+def triton_is_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def uses_router_kernel(x: torch.Tensor) -> bool:
+    """Whether ``SoftmaxTopKRouter`` routes ``x [T, H]`` by the Triton kernel: on CUDA, for few
+    tokens, where triton is installed. Decided from device and shapes (static under compile)."""
+    return x.device.type == "cuda" and x.shape[0] <= ROUTER_KERNEL_MAX_TOKENS and triton_is_installed()
+
+
 class SoftmaxTopKRouter(Router):
     """Softmax over all experts, then top-k (Qwen-MoE, Mixtral, DeepSeek-V2 greedy)."""
+
+    def __init__(self, spec: RouterSpec, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        super().__init__(spec, device, dtype)
+        # the kernel's finish counter: 0 between launches (not part of the state dict)
+        self.register_buffer("kernel_counter", torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x2d = x.reshape(-1, self.spec.hidden_size)  # [T, H]
+        if not uses_router_kernel(x2d):
+            return super().forward(x)
+        from ktcore.ops.router_kernel import router_topk  # imports triton: only on this path
+
+        s = self.spec
+        return router_topk(x2d, self.weight, self.kernel_counter, s.top_k, self.active_top_k, s.norm_topk_prob,
+                           float(s.routed_scaling_factor), s.fp32_logits)
 
 
 def group_mask(group_scores: torch.Tensor, topk_group: int, group_size: int) -> torch.Tensor:

@@ -1,0 +1,242 @@
+"""The one-kernel softmax top-k router (``ktcore.ops.router_kernel``) against the router's torch
+path with the decode top-k (``small_topk``: ties to the lower expert, NaN first), which is what
+a compiled CUDA decode step ran before the kernel.
+
+Shapes: odd H, E in {8, 60, 64, 128}, K in {1, 2, 6, 8}, T in {1, 3, 16}, with and without
+renormalisation, bf16 and fp32 inputs, logits in the input dtype (Qwen, Mixtral) or in fp32
+(DeepSeek); integer-valued inputs whose logits tie, NaN inputs, fewer active experts,
+opcheck and torch.compile(fullgraph=True). On the GPU: Qwen3 / DeepSeek-V2-Lite / Mixtral
+shapes, CUDA graph capture and replay, and inductor.
+
+Without a CUDA GPU the kernel runs in Triton's interpreter on CPU tensors (small shapes): the
+``kernels`` fixture imports the module with ``TRITON_INTERPRET=1`` (see test_gqa_decode.py).
+
+Tolerance: the ids must be equal. Logits in the input dtype round to the same bf16 values on
+both paths (unless an fp32 sum lands within its rounding error of a bf16 midpoint: not at
+these seeds); the weights then differ only by the exp and the sums (softmax, renormalisation)
+of the two implementations: ``rtol 2e-5``. fp32 logits differ by the GEMM's summation order
+(~1e-6 relative), the weights by as much.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import zlib
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="the router kernel needs triton (pip install triton)")
+
+from ktcore.ops import router as router_mod  # noqa: E402
+from ktcore.ops.router import RouterSpec, build_router, small_topk_is_cheap  # noqa: E402
+
+RTOL, ATOL = 2e-5, 1e-7
+
+# (E, K, T): every E, K and T of the brief, each K with a few E
+SHAPES = [(8, 1, 1), (8, 2, 16), (60, 6, 3), (60, 2, 1), (64, 6, 16), (64, 1, 3), (128, 8, 1), (128, 8, 16)]
+
+
+@pytest.fixture(scope="module")
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def kernels(device):
+    """The module ``ktcore.ops.router_kernel`` (registers ``torch.ops.ktcore.router_topk``)."""
+    if device == "cuda":
+        return importlib.import_module("ktcore.ops.router_kernel")
+    already = "ktcore.ops.router_kernel" in sys.modules
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        module = importlib.import_module("ktcore.ops.router_kernel")
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(module._router_kernel, InterpretedFunction):
+        pytest.fail(f"ktcore.ops.router_kernel was imported without TRITON_INTERPRET=1 (already imported: {already})")
+    return module
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """Fresh random inputs per test that repeat run to run, so a failure reproduces."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def make_router(spec: RouterSpec, dtype: torch.dtype, device: str, gen: torch.Generator):
+    router = build_router(spec, device=device, dtype=dtype)
+    w = torch.randn(spec.num_experts, spec.hidden_size, generator=gen) * spec.hidden_size ** -0.5
+    router.weight.data.copy_(w)
+    return router
+
+
+def reference(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's torch path with the decode top-k (small_topk), whatever the device."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr(router_mod, "uses_router_kernel", lambda x: False)
+    patch.setattr(router_mod, "uses_small_topk", small_topk_is_cheap)
+    try:
+        return router(x)
+    finally:
+        patch.undo()
+
+
+def run_kernel(kernels, router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    s = router.spec
+    ids, w = kernels.router_topk(x, router.weight, router.kernel_counter, s.top_k, router.active_top_k,
+                                 s.norm_topk_prob, float(s.routed_scaling_factor), s.fp32_logits)
+    assert int(router.kernel_counter[0]) == 0  # reset by the last program
+    return ids, w
+
+
+def check(got, want) -> None:
+    (ids, w), (ref_ids, ref_w) = got, want
+    assert ids.dtype == torch.int32 and w.dtype == torch.float32 and ids.shape == ref_ids.shape == w.shape
+    torch.testing.assert_close(ids, ref_ids, rtol=0, atol=0)
+    torch.testing.assert_close(w, ref_w, rtol=RTOL, atol=ATOL, equal_nan=True)
+
+
+@pytest.mark.parametrize("E, K, T", SHAPES)
+@pytest.mark.parametrize("dtype, fp32_logits", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, False)])
+@pytest.mark.parametrize("renorm", [False, True])
+def test_kernel_matches_router(kernels, device, gen, E, K, T, dtype, fp32_logits, renorm):
+    H = 37 if E < 128 else 67  # odd: the last H tile is partial
+    spec = RouterSpec("softmax_topk", E, H, K, norm_topk_prob=renorm, fp32_logits=fp32_logits,
+                      routed_scaling_factor=1.0 if renorm else 2.5)
+    router = make_router(spec, dtype, device, gen)
+    x = torch.randn(T, H, generator=gen).to(device, dtype)
+    check(run_kernel(kernels, router, x), reference(router, x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_tied_scores_go_to_the_lower_expert(kernels, device, gen, dtype):
+    """Integer-valued x and W: logits are small integers, exact in any summation order, and
+    most experts share their score with others."""
+    E, H, K, T = 60, 9, 8, 16
+    router = build_router(RouterSpec("softmax_topk", E, H, K, fp32_logits=False), device=device, dtype=dtype)
+    router.weight.data.copy_(torch.randint(-1, 2, (E, H), generator=gen))
+    x = torch.randint(-1, 2, (T, H), generator=gen).to(device, dtype)
+    ids, w = run_kernel(kernels, router, x)
+    logits = (x.float() @ router.weight.float().T).cpu()  # [T, E]
+    assert all(row.unique().numel() < E // 2 for row in logits)  # ties everywhere
+    check((ids, w), reference(router, x))
+    # the stable order: by score, then by index
+    order = torch.sort(logits, dim=-1, descending=True, stable=True)[1][:, :K]
+    assert torch.equal(ids.cpu().long(), order)
+
+
+def test_nan_scores_come_first(kernels, device, gen):
+    """A NaN in a token's input makes its softmax all NaN: experts 0..K-1 with NaN weights;
+    a NaN router weight row makes every token's scores NaN."""
+    E, H, K, T = 64, 21, 6, 3
+    router = make_router(RouterSpec("softmax_topk", E, H, K, norm_topk_prob=True, fp32_logits=False),
+                         torch.bfloat16, device, gen)
+    x = torch.randn(T, H, generator=gen).to(device, torch.bfloat16)
+    x[1, 5] = float("nan")
+    ids, w = run_kernel(kernels, router, x)
+    check((ids, w), reference(router, x))
+    assert ids[1].tolist() == list(range(K)) and w[1].isnan().all()
+    assert not w[[0, 2]].isnan().any()
+    router.weight.data[40, 3] = float("nan")
+    ids, w = run_kernel(kernels, router, x)
+    check((ids, w), reference(router, x))
+    assert ids.tolist() == [list(range(K))] * T and w.isnan().all()
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_fewer_active_experts(kernels, device, gen, monkeypatch, n):
+    """Through SoftmaxTopKRouter.forward: padding id E with weight 0 past the n kept places,
+    renormalised over the kept ones, then scaled."""
+    monkeypatch.setattr(router_mod, "uses_router_kernel", lambda x: True)
+    spec = RouterSpec("softmax_topk", 60, 33, 6, norm_topk_prob=True, routed_scaling_factor=1.5, fp32_logits=False)
+    router = make_router(spec, torch.bfloat16, device, gen)
+    router.set_active_top_k(n)
+    x = torch.randn(2, 3, 33, generator=gen).to(device, torch.bfloat16)  # [B, S, H] as the MoE block passes it
+    got = router(x)
+    check(got, reference(router, x))
+    assert (got[0][:, n:] == 60).all() and (got[1][:, n:] == 0).all()
+    torch.testing.assert_close(got[1].sum(-1), torch.full((6,), 1.5, device=device), rtol=1e-6, atol=0)
+
+
+def test_opcheck(kernels, device, gen):
+    router = make_router(RouterSpec("softmax_topk", 8, 19, 2, norm_topk_prob=True, fp32_logits=False),
+                         torch.bfloat16, device, gen)
+    x = torch.randn(3, 19, generator=gen).to(device, torch.bfloat16)
+    torch.library.opcheck(kernels.router_topk, (x, router.weight, router.kernel_counter, 2, 2, True, 1.0, False))
+
+
+def test_compiles_without_graph_breaks(kernels, device, gen, monkeypatch):
+    monkeypatch.setattr(router_mod, "uses_router_kernel", lambda x: True)
+    router = make_router(RouterSpec("softmax_topk", 64, 35, 6, routed_scaling_factor=2.0), torch.bfloat16, device, gen)
+    x = torch.randn(3, 35, generator=gen).to(device, torch.bfloat16)
+    compiled = torch.compile(router, fullgraph=True, backend="eager")
+    check(compiled(x), reference(router, x))
+
+
+# --- on the GPU ---------------------------------------------------------------------------
+
+GPU_SPECS = {
+    "qwen3-30b-a3b": (RouterSpec("softmax_topk", 128, 2048, 8, norm_topk_prob=True, fp32_logits=False), torch.bfloat16),
+    "deepseek-v2-lite": (RouterSpec("softmax_topk", 64, 2048, 6, routed_scaling_factor=1.0), torch.bfloat16),
+    "mixtral": (RouterSpec("softmax_topk", 8, 4096, 2, norm_topk_prob=True, fp32_logits=False), torch.bfloat16),
+    "qwen2-57b-fp32": (RouterSpec("softmax_topk", 64, 3584, 8, fp32_logits=False), torch.float32),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("model", list(GPU_SPECS))
+@pytest.mark.parametrize("T", [1, 5, 16])
+def test_gpu_kernel_matches_router(kernels, gen, model, T):
+    spec, dtype = GPU_SPECS[model]
+    router = make_router(spec, dtype, "cuda", gen)
+    x = torch.randn(T, spec.hidden_size, generator=gen).to("cuda", dtype)
+    got = router(x)  # the kernel: CUDA, T <= 16
+    check(got, reference(router, x))
+    check(got, run_kernel(kernels, router, x))
+
+
+@pytest.mark.cuda
+def test_gpu_graph_capture_and_replay(kernels, gen):
+    """Two routers (two counters) called three times in one graph; each replay on new inputs
+    gives what eager calls give."""
+    spec, dtype = GPU_SPECS["qwen3-30b-a3b"]
+    routers = [make_router(spec, dtype, "cuda", gen) for _ in range(2)]
+    x = torch.zeros(4, spec.hidden_size, device="cuda", dtype=dtype)
+    for r in routers:
+        r(x)  # compile the kernel outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [r(x) for r in (routers[0], routers[1], routers[0])]
+    for _ in range(3):
+        x.copy_(torch.randn(x.shape, generator=gen).to(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        for r, got in zip((routers[0], routers[1], routers[0]), outs):
+            check(got, reference(r, x))
+            assert int(r.kernel_counter[0]) == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("T", [1, 16])
+def test_gpu_inductor(kernels, gen, T):
+    """torch.compile(fullgraph=True) (inductor) runs the same kernel: the same output bit for
+    bit as eager, and the experts of the torch path."""
+    torch._dynamo.reset()
+    spec, dtype = GPU_SPECS["qwen3-30b-a3b"]
+    router = make_router(spec, dtype, "cuda", gen)
+    x = torch.randn(T, spec.hidden_size, generator=gen).to("cuda", dtype)
+    compiled = torch.compile(router, fullgraph=True)
+    got = compiled(x)
+    eager = router(x)
+    assert torch.equal(got[0], eager[0]) and torch.equal(got[1], eager[1])
+    check(got, reference(router, x))
