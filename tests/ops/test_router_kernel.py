@@ -1,12 +1,12 @@
-"""The one-kernel softmax top-k router (``ktcore.ops.router_kernel``) against the router's torch
-path with the decode top-k (``small_topk``: ties to the lower expert, NaN first), which is what
+"""The one-kernel routers (``ktcore.ops.router_kernel``: softmax_topk, noaux_tc) against the
+routers' torch path with the decode top-k (``small_topk``: ties to the lower expert, NaN first), which is what
 a compiled CUDA decode step ran before the kernel.
 
 Shapes: odd H, E in {8, 60, 64, 128}, K in {1, 2, 6, 8}, T in {1, 3, 16}, with and without
 renormalisation, bf16 and fp32 inputs, logits in the input dtype (Qwen, Mixtral) or in fp32
-(DeepSeek); integer-valued inputs whose logits tie, NaN inputs, fewer active experts,
-opcheck and torch.compile(fullgraph=True). On the GPU: Qwen3 / DeepSeek-V2-Lite / Mixtral
-shapes, CUDA graph capture and replay, and inductor.
+(DeepSeek); noaux_tc with and without groups; integer-valued inputs whose logits tie, NaN
+inputs, fewer active experts, opcheck and torch.compile(fullgraph=True). On the GPU: Qwen3 /
+DeepSeek-V2-Lite / Mixtral / DeepSeek-V3 shapes, CUDA graph capture and replay, and inductor.
 
 Without a CUDA GPU the kernel runs in Triton's interpreter on CPU tensors (small shapes): the
 ``kernels`` fixture imports the module with ``TRITON_INTERPRET=1`` (see test_gqa_decode.py).
@@ -73,16 +73,19 @@ def gen(request) -> torch.Generator:
 
 
 def make_router(spec: RouterSpec, dtype: torch.dtype, device: str, gen: torch.Generator):
+    """Random weights (fan-in scaled) and, for noaux_tc, a random score correction bias."""
     router = build_router(spec, device=device, dtype=dtype)
     w = torch.randn(spec.num_experts, spec.hidden_size, generator=gen) * spec.hidden_size ** -0.5
     router.weight.data.copy_(w)
+    if spec.kind == "noaux_tc":
+        router.e_score_correction_bias.copy_(torch.randn(spec.num_experts, generator=gen) * 0.1)
     return router
 
 
 def reference(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The router's torch path with the decode top-k (small_topk), whatever the device."""
     patch = pytest.MonkeyPatch()
-    patch.setattr(router_mod, "uses_router_kernel", lambda x: False)
+    patch.setattr(router_mod, "uses_router_kernel", lambda x, spec: False)
     patch.setattr(router_mod, "uses_small_topk", small_topk_is_cheap)
     try:
         return router(x)
@@ -92,8 +95,10 @@ def reference(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def run_kernel(kernels, router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = router.spec
-    ids, w = kernels.router_topk(x, router.weight, router.kernel_counter, s.top_k, router.active_top_k,
-                                 s.norm_topk_prob, float(s.routed_scaling_factor), s.fp32_logits)
+    bias = getattr(router, "e_score_correction_bias", None)
+    ids, w = kernels.router_topk(x, router.weight, bias, router.kernel_counter, s.top_k, router.active_top_k,
+                                 s.norm_topk_prob, float(s.routed_scaling_factor), s.fp32_logits, s.n_group,
+                                 s.topk_group)
     assert int(router.kernel_counter[0]) == 0  # reset by the last program
     return ids, w
 
@@ -156,7 +161,7 @@ def test_nan_scores_come_first(kernels, device, gen):
 def test_fewer_active_experts(kernels, device, gen, monkeypatch, n):
     """Through SoftmaxTopKRouter.forward: padding id E with weight 0 past the n kept places,
     renormalised over the kept ones, then scaled."""
-    monkeypatch.setattr(router_mod, "uses_router_kernel", lambda x: True)
+    monkeypatch.setattr(router_mod, "uses_router_kernel", lambda x, spec: True)
     spec = RouterSpec("softmax_topk", 60, 33, 6, norm_topk_prob=True, routed_scaling_factor=1.5, fp32_logits=False)
     router = make_router(spec, torch.bfloat16, device, gen)
     router.set_active_top_k(n)
@@ -171,15 +176,50 @@ def test_opcheck(kernels, device, gen):
     router = make_router(RouterSpec("softmax_topk", 8, 19, 2, norm_topk_prob=True, fp32_logits=False),
                          torch.bfloat16, device, gen)
     x = torch.randn(3, 19, generator=gen).to(device, torch.bfloat16)
-    torch.library.opcheck(kernels.router_topk, (x, router.weight, router.kernel_counter, 2, 2, True, 1.0, False))
+    torch.library.opcheck(kernels.router_topk, (x, router.weight, None, router.kernel_counter, 2, 2, True, 1.0, False, 1, 1))
 
 
 def test_compiles_without_graph_breaks(kernels, device, gen, monkeypatch):
-    monkeypatch.setattr(router_mod, "uses_router_kernel", lambda x: True)
+    monkeypatch.setattr(router_mod, "uses_router_kernel", lambda x, spec: True)
     router = make_router(RouterSpec("softmax_topk", 64, 35, 6, routed_scaling_factor=2.0), torch.bfloat16, device, gen)
     x = torch.randn(3, 35, generator=gen).to(device, torch.bfloat16)
     compiled = torch.compile(router, fullgraph=True, backend="eager")
     check(compiled(x), reference(router, x))
+
+
+NOAUX_SPECS = [  # (E, H, K, n_group, topk_group): groups of 8, of 1, none; E not a power of two
+    (64, 37, 6, 8, 3),
+    (16, 21, 4, 16, 4),
+    (60, 33, 8, 1, 1),
+    (32, 67, 2, 4, 2),
+]
+
+
+@pytest.mark.parametrize("E, H, K, n_group, topk_group", NOAUX_SPECS)
+@pytest.mark.parametrize("T", [1, 16])
+@pytest.mark.parametrize("renorm", [False, True])
+def test_noaux_tc_matches_router(kernels, device, gen, E, H, K, n_group, topk_group, T, renorm):
+    spec = RouterSpec("noaux_tc", E, H, K, norm_topk_prob=renorm, n_group=n_group, topk_group=topk_group,
+                      routed_scaling_factor=2.5)
+    router = make_router(spec, torch.bfloat16, device, gen)
+    x = torch.randn(T, H, generator=gen).to(device, torch.bfloat16)
+    check(run_kernel(kernels, router, x), reference(router, x))
+
+
+def test_noaux_tc_ties_and_nan(kernels, device, gen):
+    """Integer-valued inputs and no bias: experts and groups tie everywhere; then a NaN logit
+    (noaux_tc's sigmoid keeps it to its expert, which is chosen first, with its group)."""
+    E, H, K, T = 32, 5, 4, 16
+    router = build_router(RouterSpec("noaux_tc", E, H, K, norm_topk_prob=True, n_group=8, topk_group=2),
+                          device=device, dtype=torch.bfloat16)
+    router.weight.data.copy_(torch.randint(-1, 2, (E, H), generator=gen))
+    x = torch.randint(-1, 2, (T, H), generator=gen).to(device, torch.bfloat16)
+    check(run_kernel(kernels, router, x), reference(router, x))
+    router.weight.data[21, 2] = float("nan")
+    x[:, 2] = 1.0
+    ids, w = run_kernel(kernels, router, x)
+    check((ids, w), reference(router, x))
+    assert (ids[:, 0] == 21).all() and w[:, 0].isnan().all()
 
 
 # --- on the GPU ---------------------------------------------------------------------------
@@ -189,6 +229,8 @@ GPU_SPECS = {
     "deepseek-v2-lite": (RouterSpec("softmax_topk", 64, 2048, 6, routed_scaling_factor=1.0), torch.bfloat16),
     "mixtral": (RouterSpec("softmax_topk", 8, 4096, 2, norm_topk_prob=True, fp32_logits=False), torch.bfloat16),
     "qwen2-57b-fp32": (RouterSpec("softmax_topk", 64, 3584, 8, fp32_logits=False), torch.float32),
+    "deepseek-v3": (RouterSpec("noaux_tc", 256, 7168, 8, norm_topk_prob=True, n_group=8, topk_group=4,
+                               routed_scaling_factor=2.5), torch.bfloat16),
 }
 
 
