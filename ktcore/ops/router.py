@@ -33,7 +33,6 @@ weights.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import math
@@ -174,32 +173,32 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter(1, best, True)
 
 
-#: Most tokens and experts for which a router with ``uses_kernel`` routes by the Triton kernel.
+#: Most tokens and experts for which a router with a kernel routes by it.
 ROUTER_KERNEL_MAX_TOKENS = 16
 ROUTER_KERNEL_MAX_EXPERTS = 512
 
 
-@functools.lru_cache(maxsize=None)
 def triton_is_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
 def uses_router_kernel(x: torch.Tensor, spec: RouterSpec) -> bool:
-    """Whether a router with ``uses_kernel`` routes ``x [T, H]`` by the Triton kernel
-    (``ktcore.ops.router_kernel``): on CUDA, for few tokens and at most 512 experts, where
-    triton is installed. Decided from device and shapes (static under torch.compile)."""
+    """Whether a router whose kind has a kernel (and triton) routes ``x [T, H]`` by it
+    (``ktcore.ops.router_kernel``): on CUDA, for few tokens and at most 512 experts. Decided
+    from device and shapes (static under torch.compile)."""
     return (x.device.type == "cuda" and x.shape[0] <= ROUTER_KERNEL_MAX_TOKENS
-            and spec.num_experts <= ROUTER_KERNEL_MAX_EXPERTS and triton_is_installed())
+            and spec.num_experts <= ROUTER_KERNEL_MAX_EXPERTS)
 
 
 class Router(nn.Module):
     """Base router: the ``weight [E, H]`` projection and the shared top-k tail.
 
-    ``uses_kernel``: the kind has a one-kernel path (``uses_router_kernel``); such a router
-    holds the kernel's finish counter ``kernel_counter`` (int32 [1], 0 between launches, not
-    part of the state dict)."""
+    ``has_kernel``: the kind has a one-kernel path. ``kernel_ready`` (set at construction, so
+    that torch.compile never traces the import machinery): it has one and triton is
+    installed; such a router holds the kernel's finish counter ``kernel_counter`` (int32 [1],
+    0 between launches, not part of the state dict)."""
 
-    uses_kernel = False
+    has_kernel = False
 
     def __init__(self, spec: RouterSpec, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         super().__init__()
@@ -210,7 +209,8 @@ class Router(nn.Module):
             torch.zeros(spec.num_experts, spec.hidden_size, device=device, dtype=dtype), requires_grad=False
         )
         self.active_top_k = spec.top_k  # fewer experts per token: see set_active_top_k
-        if self.uses_kernel:
+        self.kernel_ready = self.has_kernel and triton_is_installed()
+        if self.kernel_ready:
             self.register_buffer("kernel_counter", torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
 
     def set_active_top_k(self, n: int | None) -> None:
@@ -250,7 +250,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x2d = x.reshape(-1, self.spec.hidden_size)  # [T, H]
-        if self.uses_kernel and uses_router_kernel(x2d, self.spec):
+        if self.kernel_ready and uses_router_kernel(x2d, self.spec):
             return self.kernel_forward(x2d)
         scores = self.scores(self.logits(x))  # [T, E] fp32
         ids, weights = self.choose(scores)  # [T, K], [T, K] in routing order
@@ -275,7 +275,7 @@ class Router(nn.Module):
 class SoftmaxTopKRouter(Router):
     """Softmax over all experts, then top-k (Qwen-MoE, Mixtral, DeepSeek-V2 greedy)."""
 
-    uses_kernel = True
+    has_kernel = True
 
 def group_mask(group_scores: torch.Tensor, topk_group: int, group_size: int) -> torch.Tensor:
     """``BoolTensor[T, E]``: True for the experts of the ``topk_group`` best groups."""
@@ -299,7 +299,7 @@ class GroupLimitedRouter(Router):
 class NoAuxTCRouter(Router):
     """DeepSeek-V3 ``noaux_tc``: sigmoid, bias-corrected group-limited choice."""
 
-    uses_kernel = True
+    has_kernel = True
 
     def __init__(self, spec: RouterSpec, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         super().__init__(spec, device, dtype)

@@ -32,7 +32,7 @@ import torch
 pytest.importorskip("triton", reason="the router kernel needs triton (pip install triton)")
 
 from ktcore.ops import router as router_mod  # noqa: E402
-from ktcore.ops.router import RouterSpec, build_router, small_topk_is_cheap  # noqa: E402
+from ktcore.ops.router import RouterSpec, build_router, small_topk_is_cheap, uses_router_kernel  # noqa: E402
 
 RTOL, ATOL = 2e-5, 1e-7
 
@@ -178,6 +178,20 @@ def test_opcheck(kernels, device, gen):
                          torch.bfloat16, device, gen)
     x = torch.randn(3, 19, generator=gen).to(device, torch.bfloat16)
     torch.library.opcheck(kernels.router_topk, (x, router.weight, None, router.kernel_counter, 2, 2, True, 1.0, False, 1, 1))
+
+
+def test_kernel_choice_traces_without_graph_breaks():
+    """The path choice is traced by torch.compile on every call of a compiled router: shapes and
+    device only (the GPU run of an earlier version broke the graph on importlib's find_spec)."""
+    spec = RouterSpec("softmax_topk", 64, 8, 6)
+
+    def pick(x):
+        return x + 1 if uses_router_kernel(x, spec) else x - 1
+
+    compiled = torch.compile(pick, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(torch.zeros(3, 8)), torch.full((3, 8), -1.0))
+    assert build_router(spec).kernel_ready  # triton is installed here: the counter exists
+    assert not build_router(RouterSpec("group_limited", 64, 8, 6, n_group=8, topk_group=2)).kernel_ready
 
 
 def test_compiles_without_graph_breaks(kernels, device, gen, monkeypatch):
