@@ -277,6 +277,7 @@ class SoftmaxTopKRouter(Router):
 
     has_kernel = True
 
+
 def group_mask(group_scores: torch.Tensor, topk_group: int, group_size: int) -> torch.Tensor:
     """``BoolTensor[T, E]``: True for the experts of the ``topk_group`` best groups."""
     keep = topk_mask(group_scores, topk_group)  # [T, G]

@@ -240,7 +240,8 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cou
            n_active: int, n_group: int, topk_group: int) -> None:
     """Shape checks on the host (shapes only: no synchronisation)."""
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"router_topk: x must be [T, H] and weight [E, H], got {tuple(x.shape)}, {tuple(weight.shape)}")
+        raise ValueError(f"router_topk: x must be [T, H] and weight [E, H], "
+                         f"got {tuple(x.shape)}, {tuple(weight.shape)}")
     experts = weight.shape[0]
     if bias is not None and bias.shape != (experts,):
         raise ValueError(f"router_topk: bias must be [{experts}], got {tuple(bias.shape)}")

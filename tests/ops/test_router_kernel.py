@@ -112,7 +112,8 @@ def check(got, want) -> None:
 
 
 @pytest.mark.parametrize("E, K, T", SHAPES)
-@pytest.mark.parametrize("dtype, fp32_logits", [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, False)])
+@pytest.mark.parametrize("dtype, fp32_logits",
+                         [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, False)])
 @pytest.mark.parametrize("renorm", [False, True])
 def test_kernel_matches_router(kernels, device, gen, E, K, T, dtype, fp32_logits, renorm):
     H = 37 if E < 128 else 67  # odd: the last H tile is partial
@@ -177,7 +178,8 @@ def test_opcheck(kernels, device, gen):
     router = make_router(RouterSpec("softmax_topk", 8, 19, 2, norm_topk_prob=True, fp32_logits=False),
                          torch.bfloat16, device, gen)
     x = torch.randn(3, 19, generator=gen).to(device, torch.bfloat16)
-    torch.library.opcheck(kernels.router_topk, (x, router.weight, None, router.kernel_counter, 2, 2, True, 1.0, False, 1, 1))
+    args = (x, router.weight, None, router.kernel_counter, 2, 2, True, 1.0, False, 1, 1)
+    torch.library.opcheck(kernels.router_topk, args)
 
 
 def test_kernel_choice_traces_without_graph_breaks():
