@@ -16,6 +16,11 @@ first), with no host synchronisation (capture-safe). Parameter names (``weight``
 ``e_score_correction_bias`` ``[E]``) are transformers', so ``load_state_dict`` of an HF
 router module's state dict works.
 
+On CUDA, for at most ``ROUTER_KERNEL_MAX_TOKENS`` tokens (decode), ``softmax_topk`` and
+``noaux_tc`` routers run all of this in one Triton kernel (``ktcore.ops.router_kernel``),
+eager and compiled alike, so eager and captured decode pick the same experts; it follows the
+tie and NaN rules of ``small_topk``.
+
 Every top-k among experts goes through ``topk_experts``: compiled for CUDA, for few tokens
 (decode), it ranks the experts by comparisons (``small_topk``), which Inductor fuses into
 plain reductions, instead of ``torch.topk``'s select and sort kernels; eager, on the CPU and
@@ -28,6 +33,7 @@ weights.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from dataclasses import dataclass
@@ -167,8 +173,32 @@ def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(scores, dtype=torch.bool).scatter(1, best, True)
 
 
+#: Most tokens and experts for which a router with a kernel routes by it.
+ROUTER_KERNEL_MAX_TOKENS = 16
+ROUTER_KERNEL_MAX_EXPERTS = 512
+
+
+def triton_is_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def uses_router_kernel(x: torch.Tensor, spec: RouterSpec) -> bool:
+    """Whether a router whose kind has a kernel (and triton) routes ``x [T, H]`` by it
+    (``ktcore.ops.router_kernel``): on CUDA, for few tokens and at most 512 experts. Decided
+    from device and shapes (static under torch.compile)."""
+    return (x.device.type == "cuda" and x.shape[0] <= ROUTER_KERNEL_MAX_TOKENS
+            and spec.num_experts <= ROUTER_KERNEL_MAX_EXPERTS)
+
+
 class Router(nn.Module):
-    """Base router: the ``weight [E, H]`` projection and the shared top-k tail."""
+    """Base router: the ``weight [E, H]`` projection and the shared top-k tail.
+
+    ``has_kernel``: the kind has a one-kernel path. ``kernel_ready`` (set at construction, so
+    that torch.compile never traces the import machinery): it has one and triton is
+    installed; such a router holds the kernel's finish counter ``kernel_counter`` (int32 [1],
+    0 between launches, not part of the state dict)."""
+
+    has_kernel = False
 
     def __init__(self, spec: RouterSpec, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         super().__init__()
@@ -179,6 +209,9 @@ class Router(nn.Module):
             torch.zeros(spec.num_experts, spec.hidden_size, device=device, dtype=dtype), requires_grad=False
         )
         self.active_top_k = spec.top_k  # fewer experts per token: see set_active_top_k
+        self.kernel_ready = self.has_kernel and triton_is_installed()
+        if self.kernel_ready:
+            self.register_buffer("kernel_counter", torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
 
     def set_active_top_k(self, n: int | None) -> None:
         """Runs the first ``n`` of the ``top_k`` chosen experts (None: all of them).
@@ -206,7 +239,19 @@ class Router(nn.Module):
         weights, ids = topk_experts(scores, self.spec.top_k)
         return ids, weights
 
+    def kernel_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` of ``x [T, H]`` by the Triton kernel."""
+        from ktcore.ops.router_kernel import router_topk  # imports triton: only on this path
+
+        s = self.spec
+        bias = getattr(self, "e_score_correction_bias", None)
+        return router_topk(x, self.weight, bias, self.kernel_counter, s.top_k, self.active_top_k, s.norm_topk_prob,
+                           float(s.routed_scaling_factor), s.fp32_logits, s.n_group, s.topk_group)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x2d = x.reshape(-1, self.spec.hidden_size)  # [T, H]
+        if self.kernel_ready and uses_router_kernel(x2d, self.spec):
+            return self.kernel_forward(x2d)
         scores = self.scores(self.logits(x))  # [T, E] fp32
         ids, weights = self.choose(scores)  # [T, K], [T, K] in routing order
         n, K = self.active_top_k, self.spec.top_k
@@ -230,6 +275,8 @@ class Router(nn.Module):
 class SoftmaxTopKRouter(Router):
     """Softmax over all experts, then top-k (Qwen-MoE, Mixtral, DeepSeek-V2 greedy)."""
 
+    has_kernel = True
+
 
 def group_mask(group_scores: torch.Tensor, topk_group: int, group_size: int) -> torch.Tensor:
     """``BoolTensor[T, E]``: True for the experts of the ``topk_group`` best groups."""
@@ -252,6 +299,8 @@ class GroupLimitedRouter(Router):
 
 class NoAuxTCRouter(Router):
     """DeepSeek-V3 ``noaux_tc``: sigmoid, bias-corrected group-limited choice."""
+
+    has_kernel = True
 
     def __init__(self, spec: RouterSpec, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         super().__init__(spec, device, dtype)
