@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from gqa_decode import copy_bandwidth, median_us
 
 from ktcore.ops import router as router_mod
 from ktcore.ops.router import RouterSpec, build_router
@@ -63,37 +64,13 @@ def graph_us(fn, x: torch.Tensor, replays: int) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn(x)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
-
-def copy_gbps() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    return 2 * 10 * src.numel() / (start.elapsed_time(end) * 1e-3) / 1e9
+    return median_us(graph.replay, replays)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(0)
-    bw = copy_gbps()
+    bw = copy_bandwidth() / 1e9
     rows = []
     for name, spec in SHAPES.items():
         routers = Routers(spec, args.calls)
