@@ -127,44 +127,49 @@ def test_bad_buffers_are_refused():
         LlamafileExperts(ExpertsSpec(E, H, I, K), "cpu", {}).make_job(x, ids, w)
 
 
-def test_host_functions_are_the_c_symbols_and_run_the_job():
+def c_symbol(name: str) -> int:
+    """The address of a C function of the extension."""
+    ffi, lib = _lib.kernels()
+    return int(ffi.cast("uintptr_t", ffi.addressof(lib, name)))
+
+
+def call_host_function(address: int, job_address: int) -> None:
+    """Calls ``void f(void *job)`` at ``address``, as a CUDA host node or the doorbell does."""
     import ctypes
 
+    ctypes.CFUNCTYPE(None, ctypes.c_void_p)(address)(job_address)
+
+
+def test_host_functions_are_the_c_symbols_and_run_the_job():
     experts = make_layer()
     x, ids, w = routing(2, 4)
     job = experts.make_job(x, ids, w)
     submit_fn, wait_fn = job.host_functions()
-    ffi, lib = _lib.kernels()
-    assert submit_fn == int(ffi.cast("uintptr_t", ffi.addressof(lib, "ktl_host_submit")))
+    assert submit_fn == c_symbol("ktl_host_submit")
     assert submit_fn != wait_fn and job.address != 0
-    host_fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-    host_fn(submit_fn)(job.address)
-    host_fn(wait_fn)(job.address)
+    call_host_function(submit_fn, job.address)
+    call_host_function(wait_fn, job.address)
     assert torch.equal(job.y, experts(x, ids, w))
 
 
 def test_doorbell_functions_run_the_job_on_the_calling_thread():
-    import ctypes
-
     experts = make_layer()
     x, ids, w = routing(3, 5)
     job = experts.make_job(x, ids, w)
     run_fn, done_fn = job.doorbell_functions()
-    ffi, lib = _lib.kernels()
-    assert run_fn == int(ffi.cast("uintptr_t", ffi.addressof(lib, "ktl_host_run")))
+    assert run_fn == c_symbol("ktl_host_run")
     assert run_fn not in job.host_functions() and done_fn not in job.host_functions()
-    host_fn = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
     expected = experts(x, ids, w)
-    host_fn(run_fn)(job.address)
+    call_host_function(run_fn, job.address)
     assert torch.equal(job.y, expected)  # done before run_fn returned: done_fn waits for nothing
-    host_fn(done_fn)(job.address)
+    call_host_function(done_fn, job.address)
     job.wait()
     job.y.zero_()
     job.submit()  # a posted run, then a direct one: the direct run waits for it first
-    host_fn(run_fn)(job.address)
+    call_host_function(run_fn, job.address)
     assert torch.equal(job.wait(), expected)
     ids[0, 0] = E + 5  # an error of a direct run surfaces in wait()
-    host_fn(run_fn)(job.address)
+    call_host_function(run_fn, job.address)
     with pytest.raises(IndexError):
         job.wait()
 

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kt_marlin.int4_mma import _cat, _unpack_asm, _unpack_int
+from kt_marlin.int4_mma import _unit_operands, _unpack_asm, _unpack_int
 from kt_marlin.moe_routing import align_blocks
 from kt_marlin.packing import mma_unit
 from kt_marlin.wq_matmul import _block_k as packed_block_k
@@ -186,17 +186,12 @@ def _int4_dot(a_rows, a_mask, w_ptr, s_ptr, o_ptr, e, rn, mask_n, N, K,
         for u in tl.static_range(BLOCK_K // UNIT):
             ku = k0 + u * UNIT
             b = tl.load(w_rows + ku // 4, mask=mask_n[:, None], other=0)  # [BN, P] int16
-            if ASM:
-                q0, q1, q2, q3 = _unpack_asm(b, MAGIC)  # [BN, P] each: MAGIC + q of columns ku + j P + p
-            else:
-                q0, q1, q2, q3 = _unpack_int(b, MAGIC, WT)
+            qa0, qa1 = _unit_operands(b, MAGIC, WT, ASM, HG)  # [BN, G] (HG 1), or the unit's two groups
             for h in tl.static_range(HG):
-                if HG == 1:
-                    qa = _cat(_cat(q0, q1), _cat(q2, q3))  # [BN, G]: columns ku .. ku + G in order
-                elif h == 0:
-                    qa = _cat(q0, q1)
+                if h == 0:
+                    qa = qa0
                 else:
-                    qa = _cat(q2, q3)
+                    qa = qa1
                 at = tl.load(at_cols + (ku + h * GROUP), mask=a_mask[None, :], other=0.0)  # [G, BM]
                 if DOT_IEEE:
                     accg = tl.dot(qa, at.to(tl.float32), input_precision="ieee")  # [BN, BM]

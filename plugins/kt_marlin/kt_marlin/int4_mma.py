@@ -110,6 +110,25 @@ def _cat(a, b):
 
 
 @triton.jit
+def _unit_operands(b, MAGIC: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr, HALVES: tl.constexpr):
+    """int16 ``b`` ``[BN, P]`` of one layout unit -> its dot operands ``(first, second)``:
+    with ``HALVES == 1`` the unit's columns in order ``[BN, 4P]`` (as both), with 2 its two
+    groups ``[BN, 2P]`` each. Values ``MAGIC + q``: by inline PTX with ``ASM``, else by
+    integer ops in ``DTYPE``."""
+    if ASM:
+        q0, q1, q2, q3 = _unpack_asm(b, MAGIC)  # [BN, P] each: MAGIC + q of columns j P + c
+    else:
+        q0, q1, q2, q3 = _unpack_int(b, MAGIC, DTYPE)
+    if HALVES == 1:
+        first = _cat(_cat(q0, q1), _cat(q2, q3))
+        second = first
+    else:
+        first = _cat(q0, q1)
+        second = _cat(q2, q3)
+    return first, second
+
+
+@triton.jit
 def _coef(s_ptr, o_ptr, xs_ptr, g, rows, rt, mask_n, mask_t, n_groups, MAGIC: tl.constexpr, XS: tl.constexpr):
     """Group ``g``'s affine coefficients ``s`` and ``o - MAGIC s`` ``[BN]`` (fp32) and, with
     ``XS == 1``, the precomputed ``sum x`` of the group ``[BT]`` (else zeros)."""
@@ -169,17 +188,12 @@ def int4_kernel(x_ptr, xs_ptr, qw_ptr, s_ptr, o_ptr, b_ptr, out_ptr, part_ptr, c
         for u in tl.static_range(BLOCK_K // U):
             ku = kt * BLOCK_K + u * U
             b = tl.load(w_rows + ku // 4, mask=mask_n[:, None], other=0)  # [BN, P] int16
-            if ASM:
-                q0, q1, q2, q3 = _unpack_asm(b, MAGIC)  # [BN, P] each: MAGIC + q of columns ku + j P + c
-            else:
-                q0, q1, q2, q3 = _unpack_int(b, MAGIC, WT)
+            qa0, qa1 = _unit_operands(b, MAGIC, WT, ASM, H)  # [BN, U] (H 1), or groups 2u and 2u + 1
             for h in tl.static_range(H):
-                if H == 1:
-                    qa = _cat(_cat(q0, q1), _cat(q2, q3))  # [BN, U]: columns ku .. ku + U in order
-                elif h == 0:
-                    qa = _cat(q0, q1)  # [BN, 32]: group 2u
+                if h == 0:
+                    qa = qa0
                 else:
-                    qa = _cat(q2, q3)  # group 2u + 1
+                    qa = qa1
                 xt = tl.load(xt_cols + (ku + h * GROUP), mask=mask_t[None, :], other=0.0)  # [G, BT]
                 if DOT_IEEE:
                     accg = tl.dot(qa, xt.to(tl.float32), input_precision="ieee")  # [BN, BT]
