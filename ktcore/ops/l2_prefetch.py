@@ -27,7 +27,8 @@ import triton.language as tl
 
 #: Bytes one thread of the bulk kernel asks for (a multiple of 16, as the instruction needs).
 BULK_CHUNK = 16384
-_SENTINEL = 0x5EED1234
+SENTINEL = 0x5EED1234  # a block sum the load kernel stores (to a buffer nobody reads)
+_SENTINEL = tl.constexpr(SENTINEL)
 
 
 @triton.jit
@@ -82,8 +83,9 @@ def prefetch(tensors: list[torch.Tensor], method: str = "auto") -> None:
                 grid = triton.cdiv(triton.cdiv(n_bytes, BULK_CHUNK), block)
                 _bulk_kernel[(grid,)](start, n_bytes, CHUNK=BULK_CHUNK, BLOCK=block, num_warps=4)
         else:
-            words = t.view(-1).view(torch.uint8)
-            words = words[: words.numel() // 4 * 4].view(torch.int32)
+            raw = t.view(-1).view(torch.uint8)
+            skip = -t.data_ptr() % 4  # to the first 4-byte aligned address
+            words = raw[skip: skip + (raw.numel() - skip) // 4 * 4].view(torch.int32)
             if words.numel():
                 block = 4096 if sink.is_cuda else 64
                 _load_kernel[(triton.cdiv(words.numel(), block),)](words, sink, words.numel(), BLOCK=block)

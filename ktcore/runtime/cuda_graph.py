@@ -74,6 +74,29 @@ def l2_prefetch_budget(device: torch.device) -> int:
     return int(PREFETCH_L2_FRACTION * torch.cuda.get_device_properties(device).L2_cache_size)
 
 
+def decode_reads(module: nn.Module) -> list[torch.Tensor]:
+    """The tensors under ``module`` that a decode step reads whole: parameters and buffers,
+    each storage once (GQA's q/k/v projection weights are views of its fused weight), without
+    the RoPE tables (one row per token)."""
+    from ktcore.ops.rope import Rope
+
+    seen, found = set(), []
+
+    def visit(m: nn.Module) -> None:
+        if isinstance(m, Rope):
+            return
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            if t is not None and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                found.append(t)
+        for child in m._modules.values():
+            if child is not None:
+                visit(child)
+
+    visit(module)
+    return found
+
+
 def next_layer_weights(decoder, device: torch.device, budget: int) -> dict[ExpertsParts, list[torch.Tensor]]:
     """For the routed experts of each layer with host runners: the weights of the next layer's
     norms, attention and router on ``device``, in the order they are used, up to ``budget``
@@ -89,7 +112,7 @@ def next_layer_weights(decoder, device: torch.device, budget: int) -> dict[Exper
             modules = (following.input_layernorm, following.self_attn, following.post_attention_layernorm,
                        getattr(following.mlp, "gate", None))
             for module in filter(None, modules):
-                for t in module.parameters():
+                for t in decode_reads(module):
                     size = t.numel() * t.element_size()
                     if t.device == device and t.is_contiguous() and total + size <= budget:
                         chosen.append(t)

@@ -33,11 +33,11 @@ def test_load_kernel_reads_up_to_the_last_word(kernels, device, n_words):
     last_block = (n_words - 1) // block * block
     for planted_at in {0, last_block, n_words - 1}:
         words = torch.zeros(n_words, dtype=torch.int32)
-        words[planted_at] = kernels._SENTINEL  # the block holding it sums to the sentinel
+        words[planted_at] = kernels.SENTINEL  # the block holding it sums to the sentinel
         sink = torch.full((1,), -1, dtype=torch.int32)
         words, sink = words.to(device), sink.to(device)
         kernels._load_kernel[(triton_cdiv(n_words, block),)](words, sink, n_words, BLOCK=block)
-        assert int(sink.item()) == kernels._SENTINEL, planted_at
+        assert int(sink.item()) == kernels.SENTINEL, planted_at
     words = torch.arange(n_words, dtype=torch.int32, device=device)  # no block sums to it
     sink = torch.full((1,), -1, dtype=torch.int32, device=device)
     kernels._load_kernel[(triton_cdiv(n_words, block),)](words, sink, n_words, BLOCK=block)
@@ -52,6 +52,7 @@ def test_op_changes_nothing_and_returns_a_new_ticket(kernels, device):
     gen = torch.Generator().manual_seed(11)
     tensors = [torch.randn(37, 29, generator=gen).to(device, torch.bfloat16),  # 2146 bytes: not whole words
                torch.randn(5, generator=gen).to(device),
+               torch.randn(41, generator=gen).to(device, torch.bfloat16)[1:],  # starts 2 bytes past a word
                torch.randn(6, 8, generator=gen).to(device).t(),  # not contiguous: skipped
                torch.empty(0, device=device)]
     before = [t.clone() for t in tensors]

@@ -22,7 +22,8 @@ from ktcore.models.presets import ARCHITECTURES, make_config
 from ktcore.models.synth import SyntheticWeights
 from ktcore.runtime import cudart as rt
 from ktcore.runtime.blocks import ExpertsParts
-from ktcore.runtime.cuda_graph import graph_device, l2_prefetch_budget, next_layer_weights
+from ktcore.ops.rope import Rope
+from ktcore.runtime.cuda_graph import decode_reads, graph_device, l2_prefetch_budget, next_layer_weights
 from ktcore.runtime.fake_cudart import FakeCudart
 
 pytest.importorskip("kt_amx", reason="the host-job experts come from the kt-amx plugin")
@@ -156,10 +157,23 @@ def test_next_layer_weights_are_the_following_layers_norms_attention_and_router(
     with_experts = [i for i, layer in enumerate(layers) if isinstance(getattr(layer.mlp, "experts", None), ExpertsParts)]
     assert set(plan) == {layers[i].mlp.experts for i in with_experts}
     for i in with_experts:
-        want = [] if i + 1 == len(layers) else [
-            *layers[i + 1].input_layernorm.parameters(), *layers[i + 1].self_attn.parameters(),
-            *layers[i + 1].post_attention_layernorm.parameters(), *getattr(layers[i + 1].mlp, "gate", nn.Identity()).parameters()]
-        assert [id(t) for t in plan[layers[i].mlp.experts]] == [id(t) for t in want], i
+        got = plan[layers[i].mlp.experts]
+        if i + 1 == len(layers):
+            assert got == []
+            continue
+        following = layers[i + 1]
+        attn = following.self_attn
+        want = [*decode_reads(following.input_layernorm), *decode_reads(attn),
+                *decode_reads(following.post_attention_layernorm), *decode_reads(getattr(following.mlp, "gate", nn.Identity()))]
+        assert [id(t) for t in got] == [id(t) for t in want], i
+        storages = [t.untyped_storage().data_ptr() for t in got]
+        assert len(set(storages)) == len(storages)  # views (GQA's q/k/v over the fused weight) once
+        rope = {id(t) for m in attn.modules() if isinstance(m, Rope) for t in m.buffers()}
+        assert rope and not rope & {id(t) for t in got}  # no RoPE tables
+        largest = max(attn.buffers(), key=lambda t: t.numel())  # the fused q/k/v or MLA's largest projection
+        assert largest.untyped_storage().data_ptr() in storages
+        if hasattr(following.mlp, "gate"):
+            assert any(t is following.mlp.gate.weight for t in got)
     first = plan[layers[with_experts[0]].mlp.experts]
     sizes = [t.numel() * t.element_size() for t in first]
     budget = sum(sizes) - 1  # one byte short: the largest tensor that no longer fits is left out
