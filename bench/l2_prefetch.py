@@ -31,9 +31,10 @@ def capture(layers: list[dict], x: dict, wait_cycles: int, prefetch, gemvs: bool
     """A CUDA graph of the layers; ``prefetch(layer)`` (or None) runs beside each wait."""
     from ktcore.ops.decode_gemv import decode_gemv
 
-    main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+    side = torch.cuda.Stream()
 
     def body():
+        main = torch.cuda.current_stream()  # the capture's stream inside torch.cuda.graph
         for layer in layers:
             if prefetch is not None:
                 side.wait_stream(main)
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     waits_only = per_layer(None, False)
     cold = per_layer(None, True) - waits_only
     doc["rows"].append(dict(method="none", subset="", gemvs_us=cold))
+    same = [layers[0]] * args.layers  # every layer reads the same weights: as warm as L2 keeps them
+    warm = median_us(capture(same, x, wait_cycles, None, True).replay, args.replays) / args.layers - waits_only
+    doc["rows"].append(dict(method="none", subset="same weights every layer", gemvs_us=warm))
     for method in ("load", "bulk"):
         if method == "bulk" and not l2_prefetch.bulk_supported(torch.device("cuda")):
             continue
