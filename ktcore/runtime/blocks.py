@@ -33,9 +33,7 @@ class ExpertsParts(nn.Module):
     the CPU parts that offer the job protocol (ktcore.runtime.host_experts) run from GPU
     inputs through pinned buffers and host nodes: ``begin`` submits them first, computes the
     parts on GPUs meanwhile, and the returned ``finish`` waits for the CPU and adds up. Batches
-    larger than the runners' ``max_tokens`` (prefill chunks) take the plain path. While the
-    CPU works, the GPU reads ``l2_prefetch`` (the next layer's attention weights, set by the
-    CUDA-graph decode step) into its L2 cache (ktcore.ops.l2_prefetch).
+    larger than the runners' ``max_tokens`` (prefill chunks) take the plain path.
 
     Batches of at least ``stream_min_tokens`` tokens (0 or None: never) on a device of
     ``stream_device_types`` run each CPU part that offers the streaming protocol on that
@@ -54,7 +52,6 @@ class ExpertsParts(nn.Module):
         self.stream_min_tokens: int | None = DEFAULT_MIN_TOKENS
         self.stream_pools: dict | None = None  # torch.device -> StreamPool, shared by the model's layers
         self._streamed: dict[int, object] = {}  # index of a CPU part -> StreamedPart, or None: cannot stream
-        self.l2_prefetch: list[torch.Tensor] = []  # read into L2 while the host runners work
 
     def host_job_parts(self) -> list[int]:
         """Indices of the CPU parts that can run inside a CUDA graph."""
@@ -75,7 +72,6 @@ class ExpertsParts(nn.Module):
         for runner in self.runners.values():
             runner.close()
         self.runners = {}
-        self.l2_prefetch = []
 
     def streamed(self, i: int):
         """The StreamedPart of CPU part ``i`` (made on first use), or None."""
@@ -121,8 +117,6 @@ class ExpertsParts(nn.Module):
                 args = (x, topk_ids, topk_weights) if r.mapped is not None else \
                     (x.to(r.dtype), topk_ids.to(torch.int64), topk_weights.to(torch.float32))
                 tickets.append((torch.ops.ktcore.host_experts_submit(*args, r.handle), r.handle))
-            if self.l2_prefetch:  # after the submits, before the first finish
-                tickets[0] = (torch.ops.ktcore.l2_prefetch(tickets[0][0], self.l2_prefetch), tickets[0][1])
         streaming = {} if via_host else self._streaming(x)
         out = None
         for i, part in enumerate(self.parts):

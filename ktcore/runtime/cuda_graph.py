@@ -9,16 +9,11 @@ protocol (kt-amx, kt-llamafile): they run from host nodes inside the graph
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from ktcore.errors import KtError
 from ktcore.runtime.blocks import ExpertsParts
-
-#: Share of the GPU's L2 cache the next layer's weights may fill (``l2_prefetch_budget``).
-PREFETCH_L2_FRACTION = 0.75
 
 
 def _tensor_devices(module: nn.Module, skip: set[int]) -> dict[torch.device, str]:
@@ -62,74 +57,6 @@ def graph_device(decoder) -> tuple[torch.device | None, str]:
     return cuda[0], ""
 
 
-def l2_prefetch_budget(device: torch.device) -> int:
-    """Bytes of next-layer weights read into L2 during a CPU-experts wait:
-    ``KTCORE_L2_PREFETCH_MB`` (0: none), by default PREFETCH_L2_FRACTION of the L2 cache."""
-    mb = os.environ.get("KTCORE_L2_PREFETCH_MB")
-    if mb is not None:
-        try:
-            return int(float(mb) * 2**20)
-        except ValueError:
-            raise KtError(f"KTCORE_L2_PREFETCH_MB must be a number of MiB, got {mb!r}") from None
-    return int(PREFETCH_L2_FRACTION * torch.cuda.get_device_properties(device).L2_cache_size)
-
-
-def decode_reads(module: nn.Module) -> list[torch.Tensor]:
-    """The tensors under ``module`` that a decode step reads whole: parameters and buffers,
-    each storage once (GQA's q/k/v projection weights are views of its fused weight), without
-    the RoPE tables (one row per token)."""
-    from ktcore.ops.rope import Rope
-
-    seen, found = set(), []
-
-    def visit(m: nn.Module) -> None:
-        if isinstance(m, Rope):
-            return
-        for t in (*m._parameters.values(), *m._buffers.values()):
-            if t is not None and t.untyped_storage().data_ptr() not in seen:
-                seen.add(t.untyped_storage().data_ptr())
-                found.append(t)
-        for child in m._modules.values():
-            if child is not None:
-                visit(child)
-
-    visit(module)
-    return found
-
-
-def next_layer_weights(decoder, device: torch.device, budget: int) -> dict[ExpertsParts, list[torch.Tensor]]:
-    """For the routed experts of each layer with host runners: the weights of the next layer's
-    norms, attention and router on ``device``, in the order they are used, up to ``budget``
-    bytes (none after the last layer)."""
-    layers = list(decoder.model.model.layers)
-    plan = {}
-    for layer, following in zip(layers, [*layers[1:], None]):
-        experts = getattr(layer.mlp, "experts", None)
-        if not isinstance(experts, ExpertsParts) or not experts.runners:
-            continue
-        chosen, total = [], 0
-        if following is not None:
-            modules = (following.input_layernorm, following.self_attn, following.post_attention_layernorm,
-                       getattr(following.mlp, "gate", None))
-            for module in filter(None, modules):
-                for t in decode_reads(module):
-                    size = t.numel() * t.element_size()
-                    if t.device == device and t.is_contiguous() and total + size <= budget:
-                        chosen.append(t)
-                        total += size
-        plan[experts] = chosen
-    return plan
-
-
-def plan_l2_prefetch(decoder, device: torch.device) -> None:
-    """Sets ``ExpertsParts.l2_prefetch`` of the layers with CPU experts in host nodes: the GPU
-    reads the next layer's weights into L2 while the CPU works (``next_layer_weights``)."""
-    import ktcore.ops.l2_prefetch  # noqa: F401  registers torch.ops.ktcore.l2_prefetch
-
-    for experts, weights in next_layer_weights(decoder, device, l2_prefetch_budget(device)).items():
-        experts.l2_prefetch = weights
-
-
 class GraphDecodeStep:
     """``step(tokens, positions) -> logits[B, V]`` replaying one captured decode step (T = 1)
     of ``batch`` sequences (cache rows ``[0, batch)``);
@@ -151,7 +78,6 @@ class GraphDecodeStep:
         for experts in self.experts:  # CPU experts from host nodes, static pinned buffers shared
             if not experts.runners:  # by every batch bucket's graph (sized for the largest)
                 experts.attach_host_runners(decoder.batch, device, decoder.cache_dtype)
-        plan_l2_prefetch(decoder, device)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1]
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)  # [B, 1]
         self.lens = torch.ones(batch, dtype=torch.long, device=device)  # [B]

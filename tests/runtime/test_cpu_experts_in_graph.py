@@ -14,7 +14,6 @@ import importlib.util
 
 import pytest
 import torch
-from torch import nn
 
 import ktcore
 from ktcore.errors import KtError
@@ -22,8 +21,7 @@ from ktcore.models.presets import ARCHITECTURES, make_config
 from ktcore.models.synth import SyntheticWeights
 from ktcore.runtime import cudart as rt
 from ktcore.runtime.blocks import ExpertsParts
-from ktcore.ops.rope import Rope
-from ktcore.runtime.cuda_graph import decode_reads, graph_device, l2_prefetch_budget, next_layer_weights
+from ktcore.runtime.cuda_graph import graph_device
 from ktcore.runtime.fake_cudart import FakeCudart
 
 pytest.importorskip("kt_amx", reason="the host-job experts come from the kt-amx plugin")
@@ -145,53 +143,6 @@ def test_graph_device_names_what_keeps_a_model_off_the_graph(tmp_path):
     assert device is None and "TorchExperts on the CPU has no host-job support" in reason
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_next_layer_weights_are_the_following_layers_norms_attention_and_router(arch, tmp_path, monkeypatch):
-    model = _load(arch, "all-cpu", "cpu", tmp_path)
-    monkeypatch.setattr(rt, "cudart", lambda: FakeCudart())
-    for experts in _experts_parts(model):
-        experts.attach_host_runners(1, torch.device("cpu"), torch.float32)
-    layers = list(model.decoder.model.model.layers)
-    cpu = torch.device("cpu")
-    plan = next_layer_weights(model.decoder, cpu, budget=1 << 40)
-    with_experts = [i for i, layer in enumerate(layers) if isinstance(getattr(layer.mlp, "experts", None), ExpertsParts)]
-    assert set(plan) == {layers[i].mlp.experts for i in with_experts}
-    for i in with_experts:
-        got = plan[layers[i].mlp.experts]
-        if i + 1 == len(layers):
-            assert got == []
-            continue
-        following = layers[i + 1]
-        attn = following.self_attn
-        want = [*decode_reads(following.input_layernorm), *decode_reads(attn),
-                *decode_reads(following.post_attention_layernorm), *decode_reads(getattr(following.mlp, "gate", nn.Identity()))]
-        assert [id(t) for t in got] == [id(t) for t in want], i
-        storages = [t.untyped_storage().data_ptr() for t in got]
-        assert len(set(storages)) == len(storages)  # views (GQA's q/k/v over the fused weight) once
-        rope = {id(t) for m in attn.modules() if isinstance(m, Rope) for t in m.buffers()}
-        assert rope and not rope & {id(t) for t in got}  # no RoPE tables
-        largest = max(attn.buffers(), key=lambda t: t.numel())  # the fused q/k/v or MLA's largest projection
-        assert largest.untyped_storage().data_ptr() in storages
-        if hasattr(following.mlp, "gate"):
-            assert any(t is following.mlp.gate.weight for t in got)
-    first = plan[layers[with_experts[0]].mlp.experts]
-    sizes = [t.numel() * t.element_size() for t in first]
-    budget = sum(sizes) - 1  # one byte short: the largest tensor that no longer fits is left out
-    cut = next_layer_weights(model.decoder, cpu, budget)[layers[with_experts[0]].mlp.experts]
-    assert sum(t.numel() * t.element_size() for t in cut) <= budget and len(cut) == len(first) - 1
-    assert all(w == [] for w in next_layer_weights(model.decoder, torch.device("cuda", 0), 1 << 40).values())
-    layers[with_experts[0]].mlp.experts.detach_host_runners()  # no runners: not planned
-    assert layers[with_experts[0]].mlp.experts not in next_layer_weights(model.decoder, cpu, 1 << 40)
-
-
-def test_l2_prefetch_budget_reads_the_environment(monkeypatch):
-    monkeypatch.setenv("KTCORE_L2_PREFETCH_MB", "1.5")
-    assert l2_prefetch_budget(torch.device("cpu")) == 3 * 2**19
-    monkeypatch.setenv("KTCORE_L2_PREFETCH_MB", "lots")
-    with pytest.raises(KtError, match="KTCORE_L2_PREFETCH_MB must be a number of MiB, got 'lots'"):
-        l2_prefetch_budget(torch.device("cpu"))
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize(("placement", "compile"),
                          [*((p, False) for p in PLACEMENTS if p != "split-marlin"), ("split", True),
@@ -207,10 +158,6 @@ def test_captured_decode_with_cpu_experts_gives_the_eager_tokens(arch, placement
     eager = model.generate(prompt, 64, stop_ids=[], use_graph=False)
     graphed = model.generate(prompt, 64, stop_ids=[], use_graph=True)
     assert model.graph_step is not None and model.graph_step.experts
-    layers = list(model.decoder.model.model.layers)
-    for experts in model.graph_step.experts:  # every CPU-experts wait but the last layer's reads the next layer
-        last = experts is getattr(layers[-1].mlp, "experts", None)
-        assert bool(experts.l2_prefetch) != last
     assert graphed == eager
     assert model.generate(prompt, 64, stop_ids=[]) == eager  # the graph is reused
     runners = [r for e in model.graph_step.experts for r in e.runners.values()]
