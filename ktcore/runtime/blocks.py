@@ -4,7 +4,7 @@ bridges that let operators on one device serve modules on another."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -104,7 +104,7 @@ class ExpertsParts(nn.Module):
         return runner is not None and x.device == runner.device and x.shape[0] <= runner.max_tokens
 
     def begin(self, x: torch.Tensor, topk_ids: torch.Tensor,
-              topk_weights: torch.Tensor) -> Callable[[], torch.Tensor]:
+              topk_weights: torch.Tensor) -> Callable[..., torch.Tensor]:
         """Starts the forward; the returned function finishes it and gives y [T, H]."""
         # x: [T, H]; topk_ids, topk_weights: [T, K]
         via_host = self._use_runners(x)
@@ -130,10 +130,13 @@ class ExpertsParts(nn.Module):
                 y = part(x.to(dev), topk_ids.to(dev), topk_weights.to(dev)).to(x.device)
             out = y if out is None else out + y
 
-        def finish() -> torch.Tensor:
+        def finish(after: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+            """``after``: other GPU work of the layer (shared experts) that is to run while the
+            CPU works: the compiled step computes it, like the GPU parts, before the wait."""
             result = out
+            overlapped = [t for t in (out, *after) if t is not None]
             for ticket, handle in tickets:
-                y = torch.ops.ktcore.host_experts_finish(ticket, x, handle)
+                y = torch.ops.ktcore.host_experts_finish(ticket, x, handle, overlapped)
                 result = y if result is None else result + y
             return result
 
@@ -185,7 +188,7 @@ class MoEBlock(nn.Module):
             shared = getattr(self, self.shared_name)(flat)
             if hasattr(self, "shared_expert_gate"):
                 shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
-        y = finish()
+        y = finish(() if shared is None else (shared,))
         if shared is not None:
             y = y + shared
         return y.view_as(x)

@@ -233,7 +233,9 @@ class HostExpertsRunner:
 # ------------------------------------------------------------------------------- custom ops
 # ``submit`` and ``finish`` as operators, so that ``torch.compile(fullgraph=True)`` traces a
 # decode step with CPU experts in it: submit returns an empty "ticket" tensor that finish
-# takes, which orders the two for the compiler; finish returns y as a new tensor.
+# takes, which orders the two for the compiler; finish returns y as a new tensor. finish also
+# takes the GPU work meant to overlap the CPU (``after``: shared experts, GPU-owned experts),
+# so that the compiler schedules that work before the wait, not after it.
 
 
 @torch.library.custom_op("ktcore::host_experts_submit", mutates_args=())
@@ -250,8 +252,9 @@ def _submit_fake(x, topk_ids, topk_weights, runner):
 
 
 @torch.library.custom_op("ktcore::host_experts_finish", mutates_args=())
-def host_experts_finish(ticket: torch.Tensor, x: torch.Tensor, runner: int) -> torch.Tensor:
-    """y [T, H] in x's dtype for the forward ``ticket`` stands for (x gives the shape)."""
+def host_experts_finish(ticket: torch.Tensor, x: torch.Tensor, runner: int, after: list[torch.Tensor]) -> torch.Tensor:
+    """y [T, H] in x's dtype for the forward ``ticket`` stands for (x gives the shape). ``after``
+    is not read: its tensors are made to be computed before the wait."""
     r = _RUNNERS[runner]
     pending, r._pending = r._pending, None
     if pending is None:
@@ -261,5 +264,5 @@ def host_experts_finish(ticket: torch.Tensor, x: torch.Tensor, runner: int) -> t
 
 
 @host_experts_finish.register_fake
-def _finish_fake(ticket, x, runner):
+def _finish_fake(ticket, x, runner, after):
     return torch.empty_like(x)

@@ -11,6 +11,7 @@ plain path's logits and tokens, and ``graph_device`` names what keeps a model of
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -125,6 +126,29 @@ def test_compiled_decode_step_traces_the_host_runners_as_operators(tmp_path, mon
     assert model.generate(prompt, 6, stop_ids=[]) == want
     assert model._compiled is not None
     assert all(r.python_calls == 5 for e in parts for r in e.runners.values())
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "qwen2_moe"])
+def test_compiled_step_runs_the_shared_experts_between_submit_and_wait(arch, tmp_path, monkeypatch):
+    """Inductor may put independent work anywhere: the shared experts (passed to the finish op)
+    must run after the CPU experts are submitted and before the wait, to overlap them."""
+    from torch._inductor.utils import run_and_get_code
+
+    model = _load(arch, "all-cpu", "cpu", tmp_path)
+    monkeypatch.setattr(rt, "cudart", lambda: FakeCudart())
+    for experts in _experts_parts(model):
+        experts.attach_host_runners(1, torch.device("cpu"), torch.float32)
+    model.compile = True
+    _, codes = run_and_get_code(lambda: model.generate(_prompt(model), 3, stop_ids=[]))
+    lines = [line.strip() for code in codes for line in code.splitlines()]
+    finishes = [i for i, line in enumerate(lines) if "host_experts_finish.default(" in line]
+    assert finishes
+    for i in finishes:
+        after = re.search(r", \[(buf\d+)\]\)$", lines[i])
+        assert after, lines[i]  # the shared experts' output is the finish op's `after`
+        made = max(j for j in range(i) if re.search(rf"\b(out={after[1]}\b|{after[1]} = )", lines[j]))
+        submit = max(j for j in range(i) if "host_experts_submit.default(" in lines[j])
+        assert submit < made < i
 
 
 def test_graph_device_names_what_keeps_a_model_off_the_graph(tmp_path):
