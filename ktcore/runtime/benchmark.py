@@ -9,11 +9,12 @@ random valid blocks in llama.cpp's Q4_K_M type mix, written once into the bench 
   experts computing on the CPU and, where the model has CPU experts that can stream to its
   GPU (ktcore.runtime.streamed_experts), with them streamed; ``prefill`` is the faster;
 - decode tokens/s eager and with the captured CUDA graph (when the model allows one), and the
-  graph's speedup;
+  graph's speedup: the median of ``DECODE_RUNS`` runs (every run is kept in the result);
 - decode as a fraction of the CPU-bandwidth roofline: the bytes of CPU expert weights a token
   reads on average (top-k experts x the CPU's share of each layer's experts, at their packed
-  or GGUF size) / the host read bandwidth measured in the same run, against the measured time
-  per token;
+  or GGUF size) / the host read bandwidth, against the measured time per token. The bandwidth
+  is read just before and just after the decode runs and the higher reading counts: the
+  GPU hosts' bandwidth moves by a third from one minute to the next;
 - for each reduced expert count: decode tokens/s and the mean KL divergence of the logits
   against the full count over held-out tokens.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,6 +35,7 @@ import torch
 log = logging.getLogger(__name__)
 
 DECODE_PROMPT = 32  # prompt tokens before a decode measurement
+DECODE_RUNS = 3  # decode runs per figure, the median reported
 
 
 @dataclass(frozen=True)
@@ -174,10 +177,14 @@ def _prefill_rate(model, ids: torch.Tensor) -> float:
     return ids.numel() / best
 
 
-def _decode_rate(model, prompt, tokens: int, use_graph: bool) -> float:
-    model.generate(prompt, 4, stop_ids=[], use_graph=use_graph)  # warm-up (and capture)
-    model.generate(prompt, tokens, stop_ids=[], use_graph=use_graph)
-    return model.timings.decode_tokens / model.timings.decode_s
+def _decode_rates(model, prompt, tokens: int, use_graph: bool) -> list[float]:
+    """Tokens/s of ``DECODE_RUNS`` decode runs of ``tokens`` tokens, after a warm-up (and the capture)."""
+    model.generate(prompt, 4, stop_ids=[], use_graph=use_graph)
+    rates = []
+    for _ in range(DECODE_RUNS):
+        model.generate(prompt, tokens, stop_ids=[], use_graph=use_graph)
+        rates.append(model.timings.decode_tokens / model.timings.decode_s)
+    return rates
 
 
 def _load(case: BenchCase, config, result: Result, gguf_dir: str | Path | None):
@@ -211,7 +218,8 @@ def _load(case: BenchCase, config, result: Result, gguf_dir: str | Path | None):
 
 
 def run_case(case: BenchCase, bandwidth: float | None = None, gguf_dir: str | Path | None = None) -> Result:
-    """Runs ``case``; ``gguf_dir`` holds the GGUF of a GGUF case (default
+    """Runs ``case``; ``bandwidth``: the host read bandwidth to count instead of reading it
+    around the decode runs; ``gguf_dir`` holds the GGUF of a GGUF case (default
     ``bench_gguf.default_gguf_dir()``)."""
     from ktcore.models.presets import make_config
     from ktcore.runtime.cuda_graph import graph_device
@@ -238,18 +246,25 @@ def run_case(case: BenchCase, bandwidth: float | None = None, gguf_dir: str | Pa
                  result.prefill_cpu[key], result.prefill_streamed.get(key, "-"))
     model.set_stream_min_tokens(DEFAULT_STREAM_MIN_TOKENS)
     prompt = torch.randint(3, vocab, (DECODE_PROMPT,), generator=gen)
-    bandwidth = bandwidth or host_read_bandwidth()
+    readings = [bandwidth or host_read_bandwidth()]
     model.compile = False  # eager: the plain decoder, as a model runs without graphs
-    eager = _decode_rate(model, prompt, case.decode_tokens, use_graph=False)
+    eager_runs = _decode_rates(model, prompt, case.decode_tokens, use_graph=False)
     model.compile = case.compile
     device, reason = graph_device(model.decoder)
-    graph = _decode_rate(model, prompt, case.decode_tokens, use_graph=True) if device is not None else None
+    graph_runs = _decode_rates(model, prompt, case.decode_tokens, use_graph=True) if device is not None else None
+    if not bandwidth:  # given: a figure the caller stands for (tests)
+        readings.append(host_read_bandwidth())
+    bandwidth = max(readings)
+    eager = statistics.median(eager_runs)
+    graph = statistics.median(graph_runs) if graph_runs else None
     best = graph or eager
     per_token = cpu_expert_bytes_per_token(model)
     result.decode = {
         "eager_tokens_per_s": eager, "graph_tokens_per_s": graph, "graph_speedup": graph / eager if graph else None,
+        "eager_runs_tokens_per_s": eager_runs, "graph_runs_tokens_per_s": graph_runs,
         "graph_unavailable": reason or None, "cpu_expert_bytes_per_token": per_token,
-        "host_read_bandwidth_gb_s": bandwidth / 1e9, "roofline_tokens_per_s": bandwidth / per_token if per_token else None,
+        "host_read_bandwidth_gb_s": bandwidth / 1e9, "host_read_bandwidth_readings_gb_s": [r / 1e9 for r in readings],
+        "roofline_tokens_per_s": bandwidth / per_token if per_token else None,
         "roofline_fraction": best * per_token / bandwidth if per_token else None,
     }
     log.info("%s: decode %s", case.name, result.decode)
@@ -257,9 +272,11 @@ def run_case(case: BenchCase, bandwidth: float | None = None, gguf_dir: str | Pa
     kl = experts_per_token_kl(model, held_out, case.experts_per_token)
     for n in case.experts_per_token:
         model.set_experts_per_token(n)
-        rate = _decode_rate(model, prompt, case.decode_tokens, use_graph=device is not None)
+        runs = _decode_rates(model, prompt, case.decode_tokens, use_graph=device is not None)
+        rate = statistics.median(runs)
         result.selective.append({"experts_per_token": n, "of": int(config.num_experts_per_tok),
-                                 "decode_tokens_per_s": rate, "speedup": rate / best, "mean_kl_nats": kl[n]})
+                                 "decode_tokens_per_s": rate, "runs_tokens_per_s": runs, "speedup": rate / best,
+                                 "mean_kl_nats": kl[n]})
         log.info("%s: %d experts per token: %s", case.name, n, result.selective[-1])
     model.set_experts_per_token(None)
     result.peer = PEERS.get((case.preset, case.layers))  # only for the same shape

@@ -36,12 +36,24 @@ def test_run_case_reports_every_figure():
     assert result.streaming_unavailable  # a CPU-only model (and host)
     d = result.decode
     assert d["eager_tokens_per_s"] > 0 and d["graph_tokens_per_s"] is None
+    runs = d["eager_runs_tokens_per_s"]
+    assert len(runs) == benchmark.DECODE_RUNS and d["eager_tokens_per_s"] == sorted(runs)[len(runs) // 2]
+    assert d["host_read_bandwidth_readings_gb_s"] == [20.0]  # given: not read
     assert "embed_tokens on cpu" in d["graph_unavailable"]
     assert 0 < d["roofline_fraction"] < 1
     (sel,) = result.selective
     assert sel["experts_per_token"] == 2 and sel["of"] == 4 and sel["mean_kl_nats"] > 0
+    assert len(sel["runs_tokens_per_s"]) == benchmark.DECODE_RUNS
     table = markdown([result])
     assert "| tiny |" in table and "2 of 4 experts per token" in table and "prefill not streamed" in table
+
+
+def test_the_roofline_counts_the_higher_of_the_bandwidth_readings_around_decode(monkeypatch):
+    readings = iter([10e9, 30e9])
+    monkeypatch.setattr(benchmark, "host_read_bandwidth", lambda: next(readings))
+    d = run_case(TINY).decode
+    assert d["host_read_bandwidth_readings_gb_s"] == [10.0, 30.0] and d["host_read_bandwidth_gb_s"] == 30.0
+    assert d["roofline_fraction"] == pytest.approx(d["eager_tokens_per_s"] * d["cpu_expert_bytes_per_token"] / 30e9)
 
 
 def test_prefill_with_and_without_streaming(monkeypatch):
