@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from gqa_decode import copy_bandwidth, graph_us
+from gqa_decode import copy_bandwidth, graph_us, print_best_of_sweep
 
 #: (model, projection, out_features N, in_features K)
 SHAPES = [
@@ -77,10 +77,7 @@ def print_table(doc: dict) -> None:
     for r in doc["rows"]:
         print(f"{r['model']:>17} {r['projection']:>28} {r['n']:7d} {r['k']:6d} {r['gemv_us']:8.2f} {r['cublas_us']:9.2f} "
               f"{r['speedup']:7.2f} {r['gemv_GBps']:9.0f} {r['cublas_GBps']:11.0f}")
-        if "sweep" in r:
-            best = min(r["sweep"], key=lambda s: s["us"])
-            print(f"{'':48} best of sweep {best['us']:.2f} us: "
-                  + ", ".join(f"{k}={v}" for k, v in best.items() if k != "us"))
+        print_best_of_sweep(r, 48)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -135,6 +135,14 @@ def run_case(batch: int, max_len: int, context: int, copy_bw: float, replays: in
     return row
 
 
+def print_best_of_sweep(row: dict, indent: int) -> None:
+    """The fastest configuration of ``row["sweep"]`` (other tiles), when the row has one."""
+    if "sweep" in row:
+        best = min(row["sweep"], key=lambda s: s["us"])
+        print(f"{'':{indent}} best of sweep {best['us']:.2f} us: "
+              + ", ".join(f"{k}={v}" for k, v in best.items() if k != "us"))
+
+
 def print_table(doc: dict) -> None:
     print(f"{doc['device']}, copy bandwidth {doc['copy_GBps']:.0f} GB/s")
     print(f"{'batch':>5} {'cache':>6} {'ctx':>6} {'kernel us':>10} {'torch us':>9} {'speedup':>8} "
@@ -142,10 +150,7 @@ def print_table(doc: dict) -> None:
     for r in doc["rows"]:
         print(f"{r['batch']:5d} {r['max_len']:6d} {r['context']:6d} {r['new_us']:10.2f} {r['torch_us']:9.2f} "
               f"{r['speedup']:8.2f} {r['new_bw_fraction']:10.1%} {r['torch_bw_fraction']:9.1%} {r['rel_err_vs_torch']:8.1e}")
-        if "sweep" in r:
-            best = min(r["sweep"], key=lambda s: s["us"])
-            print(f"{'':19} best of sweep {best['us']:.2f} us: "
-                  + ", ".join(f"{k}={v}" for k, v in best.items() if k != "us"))
+        print_best_of_sweep(r, 19)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,7 +10,6 @@ Without a CUDA GPU the kernel runs in Triton's interpreter on CPU tensors (small
 
 from __future__ import annotations
 
-import zlib
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ pytest.importorskip("triton", reason="the decode GEMV needs triton (pip install 
 from ktcore.ops.linear import LinearSpec, TorchLinear, dense_linear  # noqa: E402
 from ktcore.ops.weights import DenseWeight  # noqa: E402
 
-from tests.ops.triton_modules import import_kernels  # noqa: E402
+from tests.ops.triton_modules import import_kernels, kernel_device, node_generator  # noqa: E402
 
 #: max |kernel - float64 oracle| / max |oracle| per dtype: fp32 accumulation, then one rounding
 #: of each output to the dtype, at most one ulp (Triton's interpreter truncates): 2**-7 of the
@@ -31,17 +30,13 @@ TOL = {torch.bfloat16: 8e-3, torch.float16: 1.1e-3}
 
 @pytest.fixture(scope="module")
 def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return kernel_device()
 
 
 @pytest.fixture(scope="module")
 def kernels(device):
     """The module ``ktcore.ops.decode_gemv`` (registers ``torch.ops.ktcore.decode_gemv``)."""
     return import_kernels("ktcore.ops.decode_gemv", device, "_gemv_kernel")
-
-
-def generator(request) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def inputs(n, k, dtype, device, gen, bias=True):
@@ -67,7 +62,7 @@ def check(got, x, w, b):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_matches_oracle(n, k, dtype, bias, kernels, device, request):
-    x, w, b = inputs(n, k, dtype, device, generator(request), bias)
+    x, w, b = inputs(n, k, dtype, device, node_generator(request), bias)
     check(torch.ops.ktcore.decode_gemv(x, w, b), x, w, b)
 
 
@@ -75,7 +70,7 @@ def test_matches_oracle(n, k, dtype, bias, kernels, device, request):
                                     dict(BLOCK_N=16, BLOCK_K=128)])
 def test_explicit_tiles(config, kernels, device, request):
     """Row tiles of one and of more rows than N, column tiles smaller and larger than K."""
-    x, w, b = inputs(13, 70, torch.bfloat16, device, generator(request))
+    x, w, b = inputs(13, 70, torch.bfloat16, device, node_generator(request))
     check(kernels.launch(x, w, b, dict(config, num_warps=4, num_stages=1)), x, w, b)
 
 
@@ -99,7 +94,7 @@ def test_bad_inputs(kernels, device):
 
 
 def test_opcheck_and_compile(kernels, device, request):
-    x, w, b = inputs(24, 40, torch.bfloat16, device, generator(request))
+    x, w, b = inputs(24, 40, torch.bfloat16, device, node_generator(request))
     torch.library.opcheck(torch.ops.ktcore.decode_gemv.default, (x, w, b))
     torch.library.opcheck(torch.ops.ktcore.decode_gemv.default, (x, w, None))
 
@@ -118,7 +113,7 @@ def test_opcheck_and_compile(kernels, device, request):
 @pytest.mark.parametrize("n, k", [(5120, 2048), (2048, 4096), (576, 7168), (151936, 2048), (3000, 1000)])
 def test_model_shapes_gpu(n, k, kernels, request):
     """The Qwen3-30B-A3B q/k/v and o projections, a DeepSeek-V3 kv_a, a Qwen3 lm_head, an odd one."""
-    x, w, b = inputs(n, k, torch.bfloat16, "cuda", generator(request))
+    x, w, b = inputs(n, k, torch.bfloat16, "cuda", node_generator(request))
     got = torch.ops.ktcore.decode_gemv(x, w, b)
     check(got, x, w, b)
     ref = F.linear(x, w, b)  # cuBLAS: the same up to rounding
@@ -127,8 +122,8 @@ def test_model_shapes_gpu(n, k, kernels, request):
 
 @pytest.mark.cuda
 def test_dense_linear_dispatch_gpu(kernels, monkeypatch, request):
-    x, w, b = inputs(300, 256, torch.bfloat16, "cuda", generator(request))
-    rows = torch.randn(3, 256, generator=generator(request)).to("cuda", torch.bfloat16)
+    x, w, b = inputs(300, 256, torch.bfloat16, "cuda", node_generator(request))
+    rows = torch.randn(3, 256, generator=node_generator(request)).to("cuda", torch.bfloat16)
     one = x.reshape(1, 1, 256)
     assert torch.equal(dense_linear(one, w, b), torch.ops.ktcore.decode_gemv(x, w, b).reshape(1, 1, 300))
     assert torch.equal(dense_linear(rows, w, b), F.linear(rows, w, b))
@@ -145,7 +140,7 @@ def test_dense_linear_dispatch_gpu(kernels, monkeypatch, request):
 
 @pytest.mark.cuda
 def test_cuda_graph_gpu(kernels, request):
-    x, w, b = inputs(2048, 4096, torch.bfloat16, "cuda", generator(request))
+    x, w, b = inputs(2048, 4096, torch.bfloat16, "cuda", node_generator(request))
     want = torch.ops.ktcore.decode_gemv(x, w, b)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import zlib
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from ktcore.ops import gqa  # noqa: E402
 from ktcore.ops.gqa import GQAAttention, GQASpec, KVCache, cache_attention  # noqa: E402
 from ktcore.ops.rope import RopeSpec  # noqa: E402
 
-from tests.ops.triton_modules import import_kernels  # noqa: E402
+from tests.ops.triton_modules import import_kernels, kernel_device, node_generator  # noqa: E402
 
 #: max |kernel - torch path| / max |torch path| per query dtype. fp32: both accumulate in fp32
 #: in another order. bf16/fp16: the torch path rounds the scores, the scaled scores and the
@@ -38,19 +37,13 @@ TOL = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 @pytest.fixture(scope="module")
 def device() -> str:
-    """Where the kernels run: the GPU when there is one, else CPU tensors in the interpreter."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return kernel_device()
 
 
 @pytest.fixture(scope="module")
 def kernels(device):
     """The module ``ktcore.ops.gqa_decode`` (registers ``torch.ops.ktcore.gqa_decode``)."""
     return import_kernels("ktcore.ops.gqa_decode", device, "_split_kernel")
-
-
-def generator(request) -> torch.Generator:
-    """Fresh random inputs per test that repeat run to run, so a tolerance failure reproduces."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 def random_cache(batch, max_len, n_kv, head_dim, dtype, device, gen) -> KVCache:
@@ -106,7 +99,7 @@ def check(got: torch.Tensor, want: torch.Tensor, limits: list[int], dtype: torch
     (torch.bfloat16, torch.float32),
 ])
 def test_matches_torch_path(n_heads, n_kv, head_dim, dtype, cache_dtype, kernels, device, request):
-    gen = generator(request)
+    gen = node_generator(request)
     S = 45  # not a multiple of the interpreter's BLOCK_S (16)
     limits = [0, 1, int(torch.randint(2, S, (1,), generator=gen)), S, 17]
     B = len(limits)
@@ -119,7 +112,7 @@ def test_matches_torch_path(n_heads, n_kv, head_dim, dtype, cache_dtype, kernels
 
 
 def test_fp16_and_int32_lengths(kernels, device, request):
-    gen = generator(request)
+    gen = node_generator(request)
     S, limits = 33, [33, 0, 9]
     cache = random_cache(3, S, 2, 64, torch.bfloat16, device, gen)
     q = torch.randn(3, 8, 64, generator=gen).to(device, torch.float16)
@@ -131,7 +124,7 @@ def test_fp16_and_int32_lengths(kernels, device, request):
 def test_gqa_decode_path(kernels, device, request):
     """GQAAttention's CUDA decode helper (run here on the test device) takes q [B, 1, nH, D],
     positions [B, 1] and the cache as ``forward`` holds them."""
-    gen = generator(request)
+    gen = node_generator(request)
     S, limits = 40, [40, 0, 11]
     cache = random_cache(4, S, 2, 64, torch.bfloat16, device, gen)
     q = torch.randn(3, 1, 8, 64, generator=gen).to(device, torch.bfloat16)
@@ -144,7 +137,7 @@ def test_gqa_decode_path(kernels, device, request):
 @pytest.mark.parametrize("splits, block_s", [(1, 16), (2, 16), (5, 16), (4, 32), (16, 16)])
 def test_split_counts(splits, block_s, kernels, device, request):
     """Runs of whole blocks per split, more splits than blocks, one split for everything."""
-    gen = generator(request)
+    gen = node_generator(request)
     S, limits = 70, [70, 3, 0, 33]
     cache = random_cache(4, S, 2, 64, torch.float32, device, gen)
     q = torch.randn(4, 8, 64, generator=gen, device="cpu").to(device)
@@ -156,7 +149,7 @@ def test_split_counts(splits, block_s, kernels, device, request):
 
 def test_strided_inputs(kernels, device, request):
     """A cache view of some rows (``KVCache.rows``) and a query cut from a wider tensor."""
-    gen = generator(request)
+    gen = node_generator(request)
     S, limits = 20, [20, 7]
     cache = random_cache(4, S, 2, 32, torch.float32, device, gen).rows(1, 3)
     wide = torch.randn(2, 4, 2 * 32, generator=gen).to(device)
@@ -176,7 +169,7 @@ def test_rejects_bad_shapes(kernels, device):
 
 
 def test_opcheck_and_compile(kernels, device, request):
-    gen = generator(request)
+    gen = node_generator(request)
     cache = random_cache(3, 24, 2, 16, torch.float32, device, gen)
     q = torch.randn(2, 4, 16, generator=gen).to(device)
     positions, lens = torch.tensor([5, 23], device=device), torch.tensor([6, 20], device=device)
@@ -218,7 +211,7 @@ QWEN3_30B = dict(n_heads=32, n_kv=4, head_dim=128)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("max_len", [4200, 32768])
 def test_long_caches_gpu(max_len, dtype, kernels, request):
-    gen = generator(request)
+    gen = node_generator(request)
     limits = [max_len, 64, 4097, 0, 1, 513]
     B, H, D = len(limits), QWEN3_30B["n_heads"], QWEN3_30B["head_dim"]
     cache = random_cache(B, max_len, QWEN3_30B["n_kv"], D, dtype, "cuda", gen)
@@ -259,7 +252,7 @@ def prefilled_caches(attn: GQAAttention, prompts: list[int], max_len: int, dtype
 def test_gqa_attention_decode_gpu(dtype, kernels, request):
     """GQAAttention decode steps on CUDA (the kernel) against the same steps on the torch path
     (``static=False``), rows of different lengths and a padding row."""
-    gen = generator(request)
+    gen = node_generator(request)
     max_len, prompts = 1000, [700, 1, 333, 0]
     attn = qwen3_like_attention(dtype, max_len)
     ours, theirs = prefilled_caches(attn, prompts, max_len, dtype, gen)
@@ -280,7 +273,7 @@ def test_gqa_attention_decode_gpu(dtype, kernels, request):
 def test_cuda_graph_and_compile_gpu(kernels, request):
     """The op captured in a CUDA graph replays over new positions and lengths as eager; a
     GQAAttention decode step compiles with inductor (fullgraph) and matches eager."""
-    gen = generator(request)
+    gen = node_generator(request)
     dtype, max_len, B = torch.bfloat16, 4200, 3
     cache = random_cache(B, max_len, QWEN3_30B["n_kv"], QWEN3_30B["head_dim"], dtype, "cuda", gen)
     q = torch.randn(B, QWEN3_30B["n_heads"], QWEN3_30B["head_dim"], generator=gen).to("cuda", dtype)

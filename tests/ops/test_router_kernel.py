@@ -9,7 +9,7 @@ inputs, fewer active experts, opcheck and torch.compile(fullgraph=True). On the 
 DeepSeek-V2-Lite / Mixtral / DeepSeek-V3 shapes, CUDA graph capture and replay, and inductor.
 
 Without a CUDA GPU the kernel runs in Triton's interpreter on CPU tensors (small shapes): the
-``kernels`` fixture imports the module with ``TRITON_INTERPRET=1`` (see test_gqa_decode.py).
+``kernels`` fixture imports the module with ``TRITON_INTERPRET=1`` (tests/ops/triton_modules.py).
 
 Tolerance: the ids must be equal. Logits in the input dtype round to the same bf16 values on
 both paths (unless an fp32 sum lands within its rounding error of a bf16 midpoint: not at
@@ -21,11 +21,6 @@ differ by the GEMM's summation order (~1e-6 relative), the weights by as much.
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-import zlib
-
 import pytest
 import torch
 
@@ -33,6 +28,8 @@ pytest.importorskip("triton", reason="the router kernel needs triton (pip instal
 
 from ktcore.ops import router as router_mod  # noqa: E402
 from ktcore.ops.router import RouterSpec, build_router, small_topk_is_cheap, uses_router_kernel  # noqa: E402
+
+from tests.ops.triton_modules import import_kernels, kernel_device, node_generator  # noqa: E402
 
 RTOL, ATOL = 2e-5, 1e-7
 
@@ -42,35 +39,18 @@ SHAPES = [(8, 1, 1), (8, 2, 16), (60, 6, 3), (60, 2, 1), (64, 6, 16), (64, 1, 3)
 
 @pytest.fixture(scope="module")
 def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return kernel_device()
 
 
 @pytest.fixture(scope="module")
 def kernels(device):
     """The module ``ktcore.ops.router_kernel`` (registers ``torch.ops.ktcore.router_topk``)."""
-    if device == "cuda":
-        return importlib.import_module("ktcore.ops.router_kernel")
-    already = "ktcore.ops.router_kernel" in sys.modules
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        module = importlib.import_module("ktcore.ops.router_kernel")
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(module._router_kernel, InterpretedFunction):
-        pytest.fail(f"ktcore.ops.router_kernel was imported without TRITON_INTERPRET=1 (already imported: {already})")
-    return module
+    return import_kernels("ktcore.ops.router_kernel", device, "_router_kernel")
 
 
 @pytest.fixture
 def gen(request) -> torch.Generator:
-    """Fresh random inputs per test that repeat run to run, so a failure reproduces."""
-    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+    return node_generator(request)
 
 
 def make_router(spec: RouterSpec, dtype: torch.dtype, device: str, gen: torch.Generator):

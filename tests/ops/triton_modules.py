@@ -1,15 +1,18 @@
 """Importing ktcore's Triton kernel modules for tests: on a CUDA GPU as they are, else with
 ``TRITON_INTERPRET=1`` so the kernels run in Triton's interpreter on CPU tensors. Triton reads
 that variable when ``@triton.jit`` decorates a kernel, so it is set for that import alone and
-the rest of the test process is left as it was."""
+the rest of the test process is left as it was. Also where such tests run (``kernel_device``)
+and their random inputs (``node_generator``)."""
 
 from __future__ import annotations
 
 import importlib
 import os
 import sys
+import zlib
 
 import pytest
+import torch
 
 
 def import_kernels(name: str, device: str, kernel: str):
@@ -32,3 +35,14 @@ def import_kernels(name: str, device: str, kernel: str):
     if not isinstance(getattr(module, kernel), InterpretedFunction):
         pytest.fail(f"{name} was imported without TRITON_INTERPRET=1 (already imported: {already})")
     return module
+
+
+def kernel_device() -> str:
+    """Where the kernels run: the GPU when there is one, else CPU tensors in the interpreter."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def node_generator(request) -> torch.Generator:
+    """Fresh random inputs per test that repeat run to run (seeded by the test's id), so a
+    tolerance failure reproduces."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
