@@ -15,6 +15,10 @@ random valid blocks in llama.cpp's Q4_K_M type mix, written once into the bench 
   or GGUF size) / the host read bandwidth, against the measured time per token. The bandwidth
   is read just before and just after the decode runs and the higher reading counts: the
   GPU hosts' bandwidth moves by a third from one minute to the next;
+- where the CPU experts are rung through a doorbell that keeps clocks (kt-amx's), the captured
+  decode's time per layer split in two (``decode.doorbell``): the CPU experts (request to
+  answer), with the GB/s their weights stream at in it, and the gap between two layers (the
+  GPU's part);
 - for each reduced expert count: decode tokens/s and the mean KL divergence of the logits
   against the full count over held-out tokens.
 """
@@ -177,14 +181,60 @@ def _prefill_rate(model, ids: torch.Tensor) -> float:
     return ids.numel() / best
 
 
-def _decode_rates(model, prompt, tokens: int, use_graph: bool) -> list[float]:
-    """Tokens/s of ``DECODE_RUNS`` decode runs of ``tokens`` tokens, after a warm-up (and the capture)."""
+def _decode_rates(model, prompt, tokens: int, use_graph: bool, clocks: dict | None = None) -> list[float]:
+    """Tokens/s of ``DECODE_RUNS`` decode runs of ``tokens`` tokens, after a warm-up (and the
+    capture); fills ``clocks`` (when given) with ``doorbell_clocks`` over the runs."""
     model.generate(prompt, 4, stop_ids=[], use_graph=use_graph)
-    rates = []
+    bells = _doorbells(model)
+    before = _clock_totals(bells)
+    rates, decoded = [], 0
     for _ in range(DECODE_RUNS):
         model.generate(prompt, tokens, stop_ids=[], use_graph=use_graph)
         rates.append(model.timings.decode_tokens / model.timings.decode_s)
+        decoded += model.timings.decode_tokens
+    if clocks is not None and bells:
+        clocks.update(doorbell_clocks(before, _clock_totals(bells), decoded))
     return rates
+
+
+def _doorbells(model) -> list:
+    """The distinct doorbells that ring the model's CPU experts from the captured decode, where
+    the backend's doorbell keeps clocks (``times()`` and ``counts()``, as kt_amx.doorbell's)."""
+    from ktcore.runtime.blocks import ExpertsParts
+
+    bells = {}
+    for module in model.decoder.modules():
+        if isinstance(module, ExpertsParts):
+            for runner in module.runners.values():
+                bell = getattr(runner, "doorbell", None)
+                if bell is not None and hasattr(bell, "times") and hasattr(bell, "counts"):
+                    bells[id(bell)] = bell
+    return list(bells.values())
+
+
+def _clock_totals(bells: list) -> dict:
+    totals = {"jobs": 0, "answer": 0.0, "gap": 0.0, "gaps": 0}
+    for bell in bells:
+        times = bell.times()
+        totals["jobs"] += bell.counts()[0]
+        totals["answer"] += times["submit"] + times["wait"]  # request to answer, whichever runs the job
+        totals["gap"] += times["gap"]
+        totals["gaps"] += times["gaps"]
+    return totals
+
+
+def doorbell_clocks(before: dict, after: dict, tokens: int) -> dict:
+    """Where a captured decode's time goes, from the doorbells' clocks between two readings:
+    per job (one layer's CPU experts for one step) the time from the request's arrival to the
+    answer (the CPU experts, whether the watcher's submit function runs them, as kt-llamafile's
+    does, or its wait function waits for the pool, as kt-amx's does) and the gap from one
+    answer to the next request (the stream's own work between two layers: GPU kernels, copies
+    and the doorbell's latency both ways)."""
+    jobs = after["jobs"] - before["jobs"]
+    gaps = after["gaps"] - before["gaps"]
+    return {"jobs_per_token": jobs / max(tokens, 1),
+            "cpu_us_per_job": (after["answer"] - before["answer"]) / max(jobs, 1) * 1e6,
+            "gap_us_per_job": (after["gap"] - before["gap"]) / max(gaps, 1) * 1e6}
 
 
 def _load(case: BenchCase, config, result: Result, gguf_dir: str | Path | None):
@@ -251,7 +301,8 @@ def run_case(case: BenchCase, bandwidth: float | None = None, gguf_dir: str | Pa
     eager_runs = _decode_rates(model, prompt, case.decode_tokens, use_graph=False)
     model.compile = case.compile
     device, reason = graph_device(model.decoder)
-    graph_runs = _decode_rates(model, prompt, case.decode_tokens, use_graph=True) if device is not None else None
+    clocks: dict = {}
+    graph_runs = _decode_rates(model, prompt, case.decode_tokens, True, clocks) if device is not None else None
     if not bandwidth:  # given: a figure the caller stands for (tests)
         readings.append(host_read_bandwidth())
     bandwidth = max(readings)
@@ -267,6 +318,12 @@ def run_case(case: BenchCase, bandwidth: float | None = None, gguf_dir: str | Pa
         "roofline_tokens_per_s": bandwidth / per_token if per_token else None,
         "roofline_fraction": best * per_token / bandwidth if per_token else None,
     }
+    if clocks:  # the CPU experts' share: their bytes per job over the stream's wait for them
+        per_job = per_token / clocks["jobs_per_token"] if clocks["jobs_per_token"] else 0.0
+        clocks["cpu_experts_gb_s"] = per_job / clocks["cpu_us_per_job"] * 1e-3 if clocks["cpu_us_per_job"] else None
+        clocks["cpu_experts_bandwidth_fraction"] = (clocks["cpu_experts_gb_s"] * 1e9 / bandwidth
+                                                    if clocks["cpu_experts_gb_s"] else None)
+        result.decode["doorbell"] = clocks
     log.info("%s: decode %s", case.name, result.decode)
     held_out = torch.randint(3, vocab, (case.kl_tokens,), generator=gen)
     kl = experts_per_token_kl(model, held_out, case.experts_per_token)

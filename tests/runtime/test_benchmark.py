@@ -5,6 +5,7 @@ writes JSON and Markdown."""
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 
@@ -87,6 +88,39 @@ def test_roofline_bytes_are_the_cpu_experts_packed_bytes(tmp_path):
     got = cpu_expert_bytes_per_token(model)
     assert got == pytest.approx(want, rel=0.02)  # torch parts: slot_of is counted too
     assert cpu_expert_bytes_per_token(model, 2) == pytest.approx(got / 2)
+
+
+class ClockedBell:
+    """A doorbell with kt_amx.doorbell's clocks: ``jobs`` jobs of 1 µs in submit and ``wait`` s
+    in wait, ``gap`` s apart."""
+
+    def __init__(self, jobs: int, wait: float, gap: float):
+        self.jobs, self.wait, self.gap = jobs, wait, gap
+
+    def counts(self):
+        return self.jobs, 0
+
+    def times(self):
+        return {"submit": self.jobs * 1e-6, "wait": self.jobs * self.wait, "gap": (self.jobs - 1) * self.gap,
+                "gaps": self.jobs - 1}
+
+
+def test_doorbell_clocks_are_read_from_every_distinct_clocked_doorbell(tmp_path, monkeypatch):
+    config = make_config("qwen3_moe")
+    (tmp_path / "cpu.yaml").write_text(CPU_RULES)
+    model = ktcore.load(store=SyntheticWeights(config), config=config, rules=tmp_path / "cpu.yaml", max_seq_len=16)
+    blocks = [m for m in model.decoder.modules() if isinstance(m, ExpertsParts)]
+    shared, other = ClockedBell(10, 100e-6, 40e-6), ClockedBell(4, 300e-6, 10e-6)
+    for i, block in enumerate(blocks):  # runners as the CUDA-graph step attaches them
+        bells = [shared, shared, types.SimpleNamespace()] + ([other] if i == 0 else [])
+        monkeypatch.setattr(block, "runners", {j: types.SimpleNamespace(doorbell=b) for j, b in enumerate(bells)})
+    found = benchmark._doorbells(model)
+    assert sorted(map(id, found)) == sorted([id(shared), id(other)])  # no clocks: left out; each once
+    before = benchmark._clock_totals(found)
+    shared.jobs += 6
+    clocks = benchmark.doorbell_clocks(before, benchmark._clock_totals(found), tokens=3)
+    assert clocks["jobs_per_token"] == 2.0
+    assert clocks["cpu_us_per_job"] == pytest.approx(101.0) and clocks["gap_us_per_job"] == pytest.approx(40.0)
 
 
 def test_cli_writes_json_and_markdown(tmp_path, monkeypatch, capsys):

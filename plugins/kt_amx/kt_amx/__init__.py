@@ -9,3 +9,12 @@ def shared_pool() -> tuple[int, int]:
     from kt_amx.pool import shared_pool as _shared_pool
 
     return _shared_pool()
+
+
+def spin_for_graphs() -> None:
+    """Tells the shared pool that its work now runs from CUDA graphs: idle workers spin longer
+    before they sleep (``KT_AMX_GRAPH_SPIN_US``), so each layer's job does not pay for waking
+    them. For other plugins whose graph jobs run on the shared pool (kt-amx's own jobs do it)."""
+    from kt_amx._lib import spin_for_graphs as _spin_for_graphs
+
+    _spin_for_graphs()

@@ -14,6 +14,10 @@ forward, a submitted async job) is running first waits for that job to finish, a
 job submitted meanwhile waits for the loop; they serialise, never interleave or deadlock. Called
 from inside a pool task (nested), it runs the items inline on that worker. ``fn`` must not
 call back into kt-amx's job API (kt_run / kt_wait) from a worker.
+
+A plugin whose jobs run from CUDA graphs (host nodes or a doorbell) on this pool calls
+``kt_amx.spin_for_graphs()`` once: the workers then spin through the GPU's work between two
+layers instead of sleeping and being woken for every layer.
 """
 
 from __future__ import annotations

@@ -106,3 +106,15 @@ def test_not_started_is_an_error():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     size, rc = map(int, out.stdout.split())
     assert size == 0 and rc != 0, out.stderr
+
+
+def test_spin_for_graphs_sets_the_graph_spin_unless_the_user_fixed_one(monkeypatch):
+    spins = []
+    monkeypatch.setattr(_lib, "set_spin_us", spins.append)
+    monkeypatch.delenv("KT_AMX_SPIN_US", raising=False)
+    monkeypatch.setenv("KT_AMX_GRAPH_SPIN_US", "1500")
+    kt_amx.spin_for_graphs()
+    assert spins == [1500]
+    monkeypatch.setenv("KT_AMX_SPIN_US", "10")
+    kt_amx.spin_for_graphs()
+    assert spins == [1500]

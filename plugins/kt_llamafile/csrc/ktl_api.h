@@ -38,6 +38,9 @@ int ktl_dequantize(int qtype, const uint8_t *src, int64_t n, float *dst);
 ktl_pool *ktl_pool_create(int threads, int pin);
 void ktl_pool_destroy(ktl_pool *pool);
 int ktl_pool_threads(const ktl_pool *pool);
+/* Microseconds idle workers of every own pool spin before they sleep (default 50). */
+void ktl_set_spin_us(int us);
+int ktl_spin_us(void);
 
 /* A parallel-for of another library (kt-amx's kt_pool_parallel_for, DESIGN section 6): runs
  * fn(ctx, item, worker) for item in [0, n_items) with worker in [0, its thread count), returns

@@ -1,6 +1,8 @@
 /* A small pthread pool: `threads - 1` workers plus the calling thread share the items of one job
- * through an atomic counter. Workers spin briefly on the job generation, then sleep on a
- * condition variable, so an idle pool costs no CPU. Jobs are serialised per pool.
+ * through an atomic counter. Workers spin on the job generation for a while (ktl_set_spin_us:
+ * 50 us by default, longer once jobs run from CUDA graphs, whose GPU work between two layers
+ * outlasts a short spin), then sleep on a condition variable, so an idle pool costs no CPU.
+ * Jobs are serialised per pool.
  *
  * An external pool (ktl_pool_create_external) has no workers: ktl_pool_run hands the items to
  * another library's parallel-for (kt-amx's shared pool), which blocks until they are done.
@@ -15,10 +17,23 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "ktl_internal.h"
 
 #define SPIN_ROUNDS 4000
+/* How long idle workers spin before they sleep (all pools of the process). */
+static _Atomic long long g_spin_ns = 50000;
+
+void ktl_set_spin_us(int us) { atomic_store(&g_spin_ns, (long long)(us < 0 ? 0 : us) * 1000); }
+
+int ktl_spin_us(void) { return (int)(atomic_load(&g_spin_ns) / 1000); }
+
+static long long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
 
 struct ktl_pool {
     int n;
@@ -82,10 +97,12 @@ static void *worker_main(void *raw) {
          * is only for going to sleep (13 woken workers queueing on it cost ~15 us a run on the
          * 16-core host). */
         unsigned gen = seen;
-        for (int spins = 0; spins < SPIN_ROUNDS; spins++) {
+        const long long limit = atomic_load_explicit(&g_spin_ns, memory_order_relaxed), t0 = now_ns();
+        for (unsigned spins = 1;; spins++) {
             gen = atomic_load_explicit(&p->gen, memory_order_acquire);
             if (gen != seen) break;
             cpu_relax();
+            if (spins % 64 == 0 && now_ns() - t0 >= limit) break;
         }
         if (gen == seen) {
             pthread_mutex_lock(&p->mu);

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from kt_llamafile import _lib, ops
+from kt_llamafile.pools import spin_for_graphs
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -71,6 +72,12 @@ class ExpertsJob:
         self.submit()
         return self.wait()
 
+    def run(self) -> torch.Tensor:
+        """One run on the calling thread, as a doorbell's watcher runs it (no dispatcher hop);
+        raises the run's error as ``wait`` does."""
+        _lib.check(_lib.kernels()[1].ktl_job_run(self._job), "experts job (topk_ids / buffers)")
+        return self.y
+
     @property
     def address(self) -> int:
         """The ``ktl_job *`` to pass as the host functions' user data."""
@@ -78,7 +85,10 @@ class ExpertsJob:
 
     @staticmethod
     def host_functions() -> tuple[int, int]:
-        """Addresses of ``ktl_host_submit`` and ``ktl_host_wait`` (``void (*)(void *)``)."""
+        """Addresses of ``ktl_host_submit`` and ``ktl_host_wait`` (``void (*)(void *)``); asking
+        for them means CUDA graphs will run the job, so idle workers spin longer from now on
+        (``pools.spin_for_graphs``)."""
+        spin_for_graphs()
         ffi, lib = _lib.kernels()
         return (int(ffi.cast("uintptr_t", ffi.addressof(lib, "ktl_host_submit"))),
                 int(ffi.cast("uintptr_t", ffi.addressof(lib, "ktl_host_wait"))))
@@ -86,7 +96,9 @@ class ExpertsJob:
     @staticmethod
     def doorbell_functions() -> tuple[int, int]:
         """Addresses of ``ktl_host_run`` (runs the job on the calling thread) and
-        ``ktl_host_done`` (returns at once): the pair for a doorbell's watcher thread."""
+        ``ktl_host_done`` (returns at once): the pair for a doorbell's watcher thread (workers
+        spin longer from now on, as for ``host_functions``)."""
+        spin_for_graphs()
         ffi, lib = _lib.kernels()
         return (int(ffi.cast("uintptr_t", ffi.addressof(lib, "ktl_host_run"))),
                 int(ffi.cast("uintptr_t", ffi.addressof(lib, "ktl_host_done"))))

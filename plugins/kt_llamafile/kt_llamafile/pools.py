@@ -10,6 +10,14 @@
 With the shared pool every ``pool(threads)`` is the same handle: a ktl pool with no workers
 whose parallel loops go to kt-amx's ``kt_pool_parallel_for`` (``threads`` then does not size
 anything; kt-amx's pool size does). The choice is logged once (logger ``kt_llamafile``).
+
+``spin_for_graphs()``: once jobs run from CUDA graphs, idle workers spin longer before they
+sleep: kt-amx's ``spin_for_graphs`` on its shared pool, ``KT_LLAMAFILE_GRAPH_SPIN_US``
+(default 2000) for our own pools; ``KT_LLAMAFILE_SPIN_US``, when set, fixes our own pools'
+spin for good. Why: on the GPU host the GPU's work between two layers (~65 µs) outlasted
+kt-amx's default 50 µs spin, so the workers slept and every layer's job first woke them; the
+CPU experts took 68-84 µs a layer longer in the captured decode than back to back, 15 µs
+after this (bench/experts_in_step.py).
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ logger = logging.getLogger("kt_llamafile")
 
 POOL_ENV = "KT_LLAMAFILE_POOL"
 MODES = ("auto", "own", "shared")
+SPIN_ENV, GRAPH_SPIN_ENV = "KT_LLAMAFILE_SPIN_US", "KT_LLAMAFILE_GRAPH_SPIN_US"
+GRAPH_SPIN_US = 2000
 
 
 def pool_mode() -> str:
@@ -91,7 +101,21 @@ def shared_pool() -> Any | None:
 
 @functools.lru_cache(maxsize=None)
 def _own(threads: int) -> Any:
+    if os.environ.get(SPIN_ENV):
+        kernels()[1].ktl_set_spin_us(int(os.environ[SPIN_ENV]))
     return own_pool(threads)
+
+
+def spin_for_graphs() -> None:
+    """Idle workers spin through the GPU's work between two layers from now on (see above)."""
+    if shared_pool() is not None:
+        import kt_amx
+
+        hook = getattr(kt_amx, "spin_for_graphs", None)
+        if callable(hook):
+            hook()
+    if not os.environ.get(SPIN_ENV):
+        kernels()[1].ktl_set_spin_us(int(os.environ.get(GRAPH_SPIN_ENV, GRAPH_SPIN_US)))
 
 
 @functools.lru_cache(maxsize=None)

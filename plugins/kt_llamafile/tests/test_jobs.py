@@ -172,6 +172,11 @@ def test_doorbell_functions_run_the_job_on_the_calling_thread():
     call_host_function(run_fn, job.address)
     with pytest.raises(IndexError):
         job.wait()
+    with pytest.raises(IndexError):  # and in run(), the same run from Python
+        job.run()
+    ids[0, 0] = 1
+    job.y.zero_()
+    assert torch.equal(job.run(), experts(x, ids, w))
 
 
 def test_a_doorbell_watcher_runs_the_job_with_its_pair():

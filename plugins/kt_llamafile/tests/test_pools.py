@@ -193,3 +193,56 @@ def test_auto_mode_picks_kt_amx_in_a_fresh_process():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-1] == "1" and "kt-amx's shared pool" in proc.stderr
+
+
+# ----------------------------------------------------------------------- spin for graphs
+
+
+@pytest.fixture
+def spin_restored():
+    lib = _lib.kernels()[1]
+    before = lib.ktl_spin_us()
+    yield lib
+    lib.ktl_set_spin_us(before)
+
+
+@pytest.mark.parametrize("spin_us", [0, 3000])
+def test_own_pool_results_do_not_depend_on_the_spin(spin_restored, monkeypatch, spin_us):
+    monkeypatch.setattr(pools, "shared_pool", lambda: None)
+    experts = make_layer()
+    x, ids, w = routing(5, 11)
+    expected = experts(x, ids, w)
+    spin_restored.ktl_set_spin_us(spin_us)
+    assert spin_restored.ktl_spin_us() == spin_us
+    for _ in range(5):
+        assert torch.equal(experts(x, ids, w), expected)
+
+
+@pytest.mark.parametrize("functions", ["host_functions", "doorbell_functions"])
+def test_graph_jobs_make_own_workers_spin_longer(spin_restored, monkeypatch, functions):
+    monkeypatch.setattr(pools, "shared_pool", lambda: None)
+    monkeypatch.delenv(pools.SPIN_ENV, raising=False)
+    monkeypatch.setenv(pools.GRAPH_SPIN_ENV, "1234")
+    spin_restored.ktl_set_spin_us(50)
+    experts = make_layer()
+    job = experts.make_job(*routing(2, 12))
+    assert spin_restored.ktl_spin_us() == 50  # a job alone may never run from a graph
+    getattr(job, functions)()
+    assert spin_restored.ktl_spin_us() == 1234
+    monkeypatch.setenv(pools.SPIN_ENV, "77")  # the user's fixed spin wins
+    spin_restored.ktl_set_spin_us(77)
+    getattr(job, functions)()
+    assert spin_restored.ktl_spin_us() == 77
+
+
+def test_graph_jobs_on_the_shared_pool_ask_kt_amx_to_spin_longer(external, spin_restored, monkeypatch):
+    calls = []
+    fake = type(sys)("kt_amx")
+    fake.spin_for_graphs = lambda: calls.append(1)
+    monkeypatch.setitem(sys.modules, "kt_amx", fake)
+    job = make_layer().make_job(*routing(2, 13))
+    job.doorbell_functions()
+    assert calls == [1]
+    del fake.spin_for_graphs  # an older kt-amx without the hook: nothing to call, no error
+    job.host_functions()
+    assert calls == [1]
