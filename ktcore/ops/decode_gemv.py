@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ktcore.ops.launch_device import on_device
+
 @triton.jit
 def _add(a, b):
     return a + b
@@ -77,8 +79,9 @@ def launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, config: 
     cfg = dict(config or choose_config(n, k, w.device))
     y = torch.empty(n, dtype=w.dtype, device=w.device)
     block_n = cfg.pop("BLOCK_N")
-    _gemv_kernel[(triton.cdiv(n, block_n),)](x, w, w if bias is None else bias, y, n, k,
-                                               HAS_BIAS=bias is not None, BLOCK_N=block_n, **cfg)
+    with on_device(w):
+        _gemv_kernel[(triton.cdiv(n, block_n),)](x, w, w if bias is None else bias, y, n, k,
+                                                   HAS_BIAS=bias is not None, BLOCK_N=block_n, **cfg)
     return y
 
 

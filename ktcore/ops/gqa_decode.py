@@ -49,6 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ktcore.ops.launch_device import on_device
+
 _LOG2E = 1.4426950408889634
 
 
@@ -181,7 +183,7 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positi
     lse = torch.empty((batch, n_heads, splits), dtype=torch.float32, device=q.device)
     block_g, block_d = max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(head_dim))  # tl.dot: >= 16
     dot_ieee = q.dtype == torch.float32 or q.device.type == "cpu"
-    with torch.device(q.device):
+    with on_device(q):
         _split_kernel[(batch, n_kv, splits)](
             q, k_cache, v_cache, positions, cache_lens, part, lse,
             group, n_heads, max_len, softmax_scale * _LOG2E,

@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ktcore.ops.launch_device import on_device
+
 #: The key bits of a NaN score: above those of every number (+inf is 0x7F800000).
 _NAN_KEY = tl.constexpr(0x7FFFFFFF)
 #: The key of a taken or padding place: below every score's.
@@ -225,7 +227,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cou
         return ids, weights
     logits = torch.empty((tokens, experts), dtype=torch.float32, device=x.device)  # scratch
     cfg = choose_config(tokens, hidden, experts, x.device)
-    with torch.device(x.device):
+    with on_device(x):
         _router_kernel[(experts,)](
             x, weight, weight if bias is None else bias, logits, counter, ids, weights,
             tokens, hidden, experts, n_active, scale, x.stride(0), weight.stride(0),

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ktcore.ops.launch_device import on_device
+
 #: GGUF type name -> (code used by the kernel, values per block, bytes per block).
 QTYPES: dict[str, tuple[int, int, int]] = {
     "Q8_0": (0, 32, 34),
@@ -191,7 +193,7 @@ def launch(data: torch.Tensor, out: torch.Tensor, qtype: str, config: tuple[int,
     n = out.numel()
     if not n:
         return
-    with torch.device(data.device):
+    with on_device(data):
         if qk == 256:
             nb, warps = config or KQUANT_CONFIG[qtype]
             blocks = n // 256

@@ -49,6 +49,7 @@ from kt_marlin.int4_mma import _unit_operands, _unpack_asm, _unpack_int
 from kt_marlin.moe_routing import align_blocks
 from kt_marlin.packing import mma_unit
 from kt_marlin.wq_matmul import _block_k as packed_block_k
+from ktcore.ops.launch_device import on_device
 
 #: Activation names (ktcore's canonical ones) -> kernel code.
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
@@ -371,7 +372,7 @@ def launch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, 
     def use_dot(bk: int) -> bool:  # tl.dot needs 16 rows and K >= 16 (int4 always takes it for BLOCK_M >= 16)
         return bm >= 16 and bk >= 16
 
-    with torch.device(x.device):
+    with on_device(x):
         _gate_up_kernel[(blocks, triton.cdiv(i, bn))](
             x, w13, dummy, dummy if o13 is None else o13, hbuf, sorted_pair, block_expert,
             pairs, h, i, x.stride(0), TOPK=topk, ACT=ACTIVATIONS[activation],

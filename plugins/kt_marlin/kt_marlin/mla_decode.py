@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ktcore.ops.launch_device import on_device
+
 _LOG2E = 1.4426950408889634
 
 
@@ -177,7 +179,7 @@ def launch(q_latent: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k
     block_splits = triton.next_power_of_2(splits)
     block_rr = min(block_r, max(32, 8192 // block_splits))  # the reduce's [splits, BLOCK_RR] tile: <= 8192 values
     dot_ieee = q_latent.dtype == torch.float32 or q_latent.device.type == "cpu"
-    with torch.device(q_latent.device):
+    with on_device(q_latent):
         _split_kernel[(n, triton.cdiv(n_heads, cfg["BLOCK_H"]), splits)](
             q_latent, q_rope, latent, k_rope, limits, part, lse,
             n_heads, rows_per_batch, softmax_scale * _LOG2E, splits,

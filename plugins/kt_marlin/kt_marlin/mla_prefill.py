@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ktcore.ops.launch_device import on_device
+
 _LOG2E = 1.4426950408889634
 
 
@@ -110,7 +112,7 @@ def launch(q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor, k_rope:
         return out
     cfg = dict(config or choose_config(T, (dn, dr, dv), q_nope.device, q_nope.element_size()))
     dot_ieee = q_nope.dtype == torch.float32 or q_nope.device.type == "cpu"
-    with torch.device(q_nope.device):
+    with on_device(q_nope):
         _prefill_kernel[(triton.cdiv(T, cfg["BLOCK_T"]), B * n_heads)](
             q_nope, q_rope, kv, k_rope, limits, out, T, n_heads, softmax_scale * _LOG2E,
             q_nope.stride(0), q_nope.stride(1), q_nope.stride(2), q_rope.stride(0), q_rope.stride(1), q_rope.stride(2),

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ktcore.ops.launch_device import on_device
+
 #: Largest ``P = T * K`` the single-program kernel lays out (its rank pass is O(P^2)).
 KERNEL_MAX_PAIRS = 512
 _CHUNK = 32  # pairs / blocks / slots compared per tile row
@@ -95,7 +97,7 @@ def align_blocks(topk_ids: torch.Tensor, slot_of: torch.Tensor, n_owned: int,
         sorted_pair = torch.empty(blocks * block_m, dtype=torch.int32, device=topk_ids.device)
         block_expert = torch.empty(blocks, dtype=torch.int32, device=topk_ids.device)
         first = torch.empty(nb, dtype=torch.int32, device=topk_ids.device)  # scratch: each slot's first block
-        with torch.device(topk_ids.device):
+        with on_device(topk_ids):
             _align_kernel[(1,)](topk_ids.reshape(-1), slot_of, sorted_pair, block_expert, first, pairs, n_owned,
                                 blocks, BLOCK_M=block_m, NB=nb, CHUNK=_CHUNK, num_warps=8 if nb > 128 else 4)
         return sorted_pair, block_expert

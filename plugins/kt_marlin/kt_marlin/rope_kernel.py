@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ktcore.ops.launch_device import on_device
+
 
 @triton.jit
 def _rotate_heads(x_ptr, out_ptr, stride_tok, stride_head, n_heads, head0, cos, sin, tok, mask_t,
@@ -112,7 +114,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos: torch
     budget = 4096 if q.device.type == "cuda" else 1 << 16
     block_t = max(1, min(triton.next_power_of_2(n), budget // (block_h * block_half)))
     grid = (triton.cdiv(n, block_t), triton.cdiv(n_q, block_h))
-    with torch.device(q.device):
+    with on_device(q):
         _rope_kernel[grid](
             q3, k3, q_out, k_out, cos, sin, pos, n, cos.shape[0],
             q3.stride(0), q3.stride(1), k3.stride(0), k3.stride(1), n_q, n_k,

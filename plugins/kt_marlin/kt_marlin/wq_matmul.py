@@ -41,6 +41,7 @@ import triton.language as tl
 
 from kt_marlin import packing
 from kt_marlin.int4_mma import int4_kernel
+from ktcore.ops.launch_device import on_device
 
 
 @triton.jit
@@ -279,13 +280,13 @@ def launch(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets
         launch_opts = {"launch_pdl": True} if pdl else {}
         # XS 1: each group's sum of x, [T, K/G] fp32, for the kernel's offset term
         xs = x.unflatten(1, (k // group, group)).sum(-1, dtype=torch.float32) if cfg["XS"] == 1 else scales
-        with torch.device(x.device):
+        with on_device(x):
             int4_kernel[grid](x, xs, qweight, scales, offsets, b, out, part, cnt, t, n, k, k // 4, x.stride(0), split,
                               GROUP=group, MAGIC=1024 if x.dtype == torch.float16 else 128, ASM=asm and not dot_ieee,
                               DOT_IEEE=dot_ieee, HAS_BIAS=bias is not None, USE_SPLIT=split > 1, PDL=pdl, PF=pf,
                               **cfg, **launch_opts)
         return out
-    with torch.device(x.device):
+    with on_device(x):
         _int8_kernel[grid](x, qweight, scales, out, part, b, t, n, k, x.stride(0),
                            GROUP=group, HAS_BIAS=bias is not None and split == 1, SPLIT_K=split,
                            USE_DOT=cfg["BLOCK_T"] > 1, DOT_IEEE=dot_ieee, **cfg)
