@@ -357,6 +357,12 @@ def markdown(results: list[Result]) -> str:
     for r in results:
         if r.streaming_unavailable:
             lines.append(f"\n{r.case['name']}: prefill not streamed ({r.streaming_unavailable})")
+        bell = r.decode.get("doorbell")
+        if bell:
+            gbs = bell.get("cpu_experts_gb_s")
+            share = f" ({gbs:.1f} GB/s, {bell['cpu_experts_bandwidth_fraction']:.2f} of the host's)" if gbs else ""
+            lines.append(f"\n{r.case['name']}: captured decode per layer: CPU experts {bell['cpu_us_per_job']:.1f} µs"
+                         f"{share}, GPU between layers {bell['gap_us_per_job']:.1f} µs")
         for s in r.selective:
             lines.append(f"\n{r.case['name']}: {s['experts_per_token']} of {s['of']} experts per token: "
                          f"{s['decode_tokens_per_s']:.1f} tok/s ({s['speedup']:.2f}x), mean KL {s['mean_kl_nats']:.4f} nats")

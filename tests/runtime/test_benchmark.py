@@ -121,6 +121,10 @@ def test_doorbell_clocks_are_read_from_every_distinct_clocked_doorbell(tmp_path,
     clocks = benchmark.doorbell_clocks(before, benchmark._clock_totals(found), tokens=3)
     assert clocks["jobs_per_token"] == 2.0
     assert clocks["cpu_us_per_job"] == pytest.approx(101.0) and clocks["gap_us_per_job"] == pytest.approx(40.0)
+    result = benchmark.Result(case={"name": "c"}, host={}, decode={
+        "eager_tokens_per_s": 1.0, "graph_tokens_per_s": 2.0, "graph_speedup": 2.0, "roofline_fraction": 0.5,
+        "doorbell": {**clocks, "cpu_experts_gb_s": 90.0, "cpu_experts_bandwidth_fraction": 0.9}})
+    assert "CPU experts 101.0 µs (90.0 GB/s, 0.90 of the host's), GPU between layers 40.0 µs" in markdown([result])
 
 
 def test_cli_writes_json_and_markdown(tmp_path, monkeypatch, capsys):
