@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.WARNING)
     model = load(args.source)
     clocks: dict = {}
-    rates = benchmark._decode_rates(model, torch.arange(3, 35), args.tokens, True, clocks)
+    rates = benchmark.decode_rates(model, torch.arange(3, 35), args.tokens, True, clocks)
     result = {"source": args.source, "decode_tokens_per_s": rates, "in_step": clocks,
               "outside_us_per_layer": outside_us(model)}
     result["in_step_minus_outside_us"] = clocks["cpu_us_per_job"] - result["outside_us_per_layer"]

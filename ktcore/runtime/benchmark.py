@@ -181,7 +181,7 @@ def _prefill_rate(model, ids: torch.Tensor) -> float:
     return ids.numel() / best
 
 
-def _decode_rates(model, prompt, tokens: int, use_graph: bool, clocks: dict | None = None) -> list[float]:
+def decode_rates(model, prompt, tokens: int, use_graph: bool, clocks: dict | None = None) -> list[float]:
     """Tokens/s of ``DECODE_RUNS`` decode runs of ``tokens`` tokens, after a warm-up (and the
     capture); fills ``clocks`` (when given) with ``doorbell_clocks`` over the runs."""
     model.generate(prompt, 4, stop_ids=[], use_graph=use_graph)
@@ -298,11 +298,11 @@ def run_case(case: BenchCase, bandwidth: float | None = None, gguf_dir: str | Pa
     prompt = torch.randint(3, vocab, (DECODE_PROMPT,), generator=gen)
     readings = [bandwidth or host_read_bandwidth()]
     model.compile = False  # eager: the plain decoder, as a model runs without graphs
-    eager_runs = _decode_rates(model, prompt, case.decode_tokens, use_graph=False)
+    eager_runs = decode_rates(model, prompt, case.decode_tokens, use_graph=False)
     model.compile = case.compile
     device, reason = graph_device(model.decoder)
     clocks: dict = {}
-    graph_runs = _decode_rates(model, prompt, case.decode_tokens, True, clocks) if device is not None else None
+    graph_runs = decode_rates(model, prompt, case.decode_tokens, True, clocks) if device is not None else None
     if not bandwidth:  # given: a figure the caller stands for (tests)
         readings.append(host_read_bandwidth())
     bandwidth = max(readings)
@@ -329,7 +329,7 @@ def run_case(case: BenchCase, bandwidth: float | None = None, gguf_dir: str | Pa
     kl = experts_per_token_kl(model, held_out, case.experts_per_token)
     for n in case.experts_per_token:
         model.set_experts_per_token(n)
-        runs = _decode_rates(model, prompt, case.decode_tokens, use_graph=device is not None)
+        runs = decode_rates(model, prompt, case.decode_tokens, use_graph=device is not None)
         rate = statistics.median(runs)
         result.selective.append({"experts_per_token": n, "of": int(config.num_experts_per_tok),
                                  "decode_tokens_per_s": rate, "runs_tokens_per_s": runs, "speedup": rate / best,
