@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,23 +27,15 @@ ROUTINGS = 16
 
 
 def load(source: str):
-    import ktcore
+    """``kt bench``'s case for ``source``, loaded as ``kt bench`` loads it."""
+    from dataclasses import asdict
+
     from ktcore.models.presets import make_config
     from ktcore.runtime import benchmark
 
-    config = make_config("qwen3_moe", "qwen3-30b-a3b", layers=12)
-    rules = Path(tempfile.mkdtemp()) / "rules.yaml"
-    if source == "gguf":
-        from ktcore.runtime.bench_gguf import bench_gguf
-
-        rules.write_text(benchmark.GPU_WITH_LLAMAFILE_EXPERTS)
-        made = bench_gguf(config, "qwen3-30b-a3b", "gguf:q4_k_m", 0)
-        return ktcore.load(gguf=made.path, rules=rules, dtype="bf16", compile=True, max_seq_len=200)
-    from ktcore.models.synth import SyntheticWeights
-
-    rules.write_text(benchmark.GPU_WITH_AMX_INT4_EXPERTS)
-    return ktcore.load(store=SyntheticWeights(config, seed=0, dtype=torch.bfloat16, device="cuda"), config=config,
-                       rules=rules, dtype="bf16", compile=True, max_seq_len=200)
+    case = benchmark.CASES["qwen3-30b-a3b-12l-gguf" if source == "gguf" else "qwen3-30b-a3b-12l"]
+    config = make_config(case.arch, case.preset, layers=case.layers)
+    return benchmark.load_case(case, config, benchmark.Result(case=asdict(case), host={}))
 
 
 def outside_us(model, runs: int = 240) -> float:

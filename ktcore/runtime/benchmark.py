@@ -237,7 +237,7 @@ def doorbell_clocks(before: dict, after: dict, tokens: int) -> dict:
             "gap_us_per_job": (after["gap"] - before["gap"]) / max(gaps, 1) * 1e6}
 
 
-def _load(case: BenchCase, config, result: Result, gguf_dir: str | Path | None):
+def load_case(case: BenchCase, config, result: Result, gguf_dir: str | Path | None = None):
     """The case's model: from ``SyntheticWeights``, or from its cached GGUF (written first if
     missing; not counted in ``load_s``)."""
     import ktcore
@@ -278,7 +278,7 @@ def run_case(case: BenchCase, bandwidth: float | None = None, gguf_dir: str | Pa
 
     result = Result(case=asdict(case), host=host_info())
     config = make_config(case.arch, case.preset, layers=case.layers)
-    model = _load(case, config, result, gguf_dir)
+    model = load_case(case, config, result, gguf_dir)
     log.info("%s: loaded in %.1f s", case.name, result.load_s)
     gen = torch.Generator().manual_seed(case.seed)
     vocab = config.vocab_size
@@ -318,7 +318,7 @@ def run_case(case: BenchCase, bandwidth: float | None = None, gguf_dir: str | Pa
         "roofline_tokens_per_s": bandwidth / per_token if per_token else None,
         "roofline_fraction": best * per_token / bandwidth if per_token else None,
     }
-    if clocks:  # the CPU experts' share: their bytes per job over the stream's wait for them
+    if clocks:  # the CPU experts' share: their bytes per job over their time per job
         per_job = per_token / clocks["jobs_per_token"] if clocks["jobs_per_token"] else 0.0
         clocks["cpu_experts_gb_s"] = per_job / clocks["cpu_us_per_job"] * 1e-3 if clocks["cpu_us_per_job"] else None
         clocks["cpu_experts_bandwidth_fraction"] = (clocks["cpu_experts_gb_s"] * 1e9 / bandwidth
