@@ -10,7 +10,6 @@ Without a CUDA GPU the kernel runs in Triton's interpreter on CPU tensors (small
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F

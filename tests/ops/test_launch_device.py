@@ -11,8 +11,8 @@ import torch
 from ktcore.ops.launch_device import on_device
 
 
-def test_on_a_cpu_tensor_only_the_default_device_is_set():
-    t = torch.zeros(2)
+def test_off_cuda_only_the_default_device_is_set_and_restored():
+    t = torch.zeros(2, device="meta")  # not the default device, and not a GPU
     with on_device(t):
         assert torch.empty(1).device == t.device
     assert torch.empty(1).device.type == "cpu"
