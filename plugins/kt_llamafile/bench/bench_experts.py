@@ -15,9 +15,9 @@ and asynchronous job (submit + wait, what a CUDA-graph host node pair runs).
   buffers (bf16 x/y, int64 ids, as ``HostExpertsRunner`` uses it; the routing is copied into
   its buffers before each run, outside the timing), submitted to the pool's dispatcher and
   waited for (``job_ms``) and run on the calling thread as a doorbell's watcher runs it in the
-  decode step (``job_run_ms``); the mean weight bytes of the experts a
-  routing touches, the GB/s this makes, and its fraction of the read bandwidth measured in the
-  same run with the same pool (the higher of a reading before and one after the layer runs).
+  decode step (``job_run_ms``); the mean weight bytes of the experts a routing touches, the
+  GB/s this makes, and its fraction of the read bandwidth measured in the same run with the
+  same pool (the higher of a reading before and one after the layer runs).
 
 Writes JSON (default ``bench/results/experts-<shape>-<cpu>-<threads>t.json``) and prints a table.
 """
