@@ -24,7 +24,10 @@ of microseconds per host node, is out of the path. ``runner.signal`` says which 
 
 On CUDA, where the probe of ktcore.runtime.mapped_copies passes, the copies are GPU kernels
 that store the inputs into the mapped pinned buffers (one launch) and load y from them,
-instead of three D2H and one H2D memcpy: ``runner.copies`` says which.
+instead of three D2H and one H2D memcpy: ``runner.copies`` says which. With both, the
+kernels also ring the doorbell (``in_kernel``): the stage kernel writes the request word after
+its stores (``KTCORE_HOST_RING``), the load kernel spins on the done word, reading it through
+the mapping, and resets it (``KTCORE_HOST_WAIT``), so a layer has no stream memory operation.
 
 Job protocol (what an Experts operator must offer to run inside a graph):
 
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import weakref
 
 import torch
@@ -58,6 +62,17 @@ from ktcore.runtime import mapped_copies, stream_memops
 #: Live runners by handle: the custom ops below receive the handle (an int), not the runner.
 _RUNNERS: weakref.WeakValueDictionary[int, HostExpertsRunner] = weakref.WeakValueDictionary()
 _HANDLES = itertools.count(1)
+
+
+def in_kernel(env: str) -> bool:
+    """Whether a doorbell runner with mapped copies signals from its kernels: ``env`` is
+    ``KTCORE_HOST_RING`` (the stage kernel writes the request word) or ``KTCORE_HOST_WAIT``
+    (the load kernel spins on the done word and resets it), each ``kernel`` (default) or
+    ``memop`` (a stream memory operation). Read when the work is enqueued, i.e. at capture."""
+    value = os.environ.get(env, "kernel")
+    if value not in ("memop", "kernel"):
+        raise ValueError(f"{env} must be 'memop' or 'kernel', got {value!r}")
+    return value == "kernel"
 
 
 def supports_host_jobs(experts) -> bool:
@@ -84,12 +99,16 @@ class PendingForward:
         """Enqueues the wait and the copy of y into ``out`` (contiguous ``[T, H]`` in the
         runner's dtype on its device; default: the static ``y_gpu[:T]``); returns it."""
         r = self.runner
+        y = r.y_gpu[:self.T] if out is None else out
+        if r.doorbell is not None and r.mapped is not None and in_kernel("KTCORE_HOST_WAIT"):
+            with torch.cuda.stream(self.torch_stream):
+                mapped_copies.wait_load(r.mapped["done"], r.codes[self.T], r.mapped["y"], y)
+            return y
         if r.doorbell is not None:
             stream_memops.wait_value(self.stream, r.done_word, r.codes[self.T])
             stream_memops.write_value(self.stream, r.done_word, 0)
         else:
             rt.enqueue_host_func(self.job.host_functions()[1], self.job.address, self.stream)
-        y = r.y_gpu[:self.T] if out is None else out
         if r.mapped is not None:
             with torch.cuda.stream(self.torch_stream):
                 mapped_copies.load(r.mapped["y"], y)
@@ -141,6 +160,9 @@ class HostExpertsRunner:
         if ok:
             self.mapped = {name: mapped_copies.mapped(t) for name, t in
                            (("x", self.x_pin), ("ids", self.ids_pin), ("w", self.w_pin), ("y", self.y_pin))}
+            if self.doorbell is not None:
+                self.mapped["req"] = mapped_copies.Mapped(self.req_word, torch.int32)
+                self.mapped["done"] = mapped_copies.Mapped(self.done_word, torch.int32)
         self.copies = "kernels" if ok else f"memcpy ({why})"
         self._release = weakref.finalize(self, _release_doorbell, self.doorbell, self.codes)
         self.python_calls = 0  # forwards that went through Python (a replay adds none)
@@ -198,21 +220,27 @@ class HostExpertsRunner:
             ctx = torch.cuda.stream(stream)
         else:
             handle, ctx = int(stream or 0), contextlib.nullcontext()
+        job = self.job(T)
+        ring = self.doorbell is not None and self.mapped is not None and in_kernel("KTCORE_HOST_RING")
         with ctx:
             if self.mapped is not None:  # the kernel converts while it stores
                 srcs = tuple(t.contiguous() for t in (x, topk_ids, topk_weights))
-                mapped_copies.stage(*srcs, self.mapped["x"], self.mapped["ids"], self.mapped["w"])
+                views = self.mapped["x"], self.mapped["ids"], self.mapped["w"]
+                if ring:
+                    mapped_copies.stage_and_ring(*srcs, *views, self.mapped["req"], self.codes[T])
+                else:
+                    mapped_copies.stage(*srcs, *views)
             else:
                 # conversions (when needed) are allocated and run on this stream, so their memory
                 # is not reused before the copies below (enqueued on the same stream) have read it
                 srcs = (x.to(self.dtype).contiguous(), topk_ids.to(torch.int64).contiguous(),
                         topk_weights.to(torch.float32).contiguous())
-        job = self.job(T)
         if self.mapped is None:
             for src, dst in zip(srcs, (self.x_pin, self.ids_pin, self.w_pin)):
                 rt.cudart().memcpy_async(dst.data_ptr(), src.data_ptr(), src.numel() * src.element_size(), handle)
         if self.doorbell is not None:
-            stream_memops.write_value(handle, self.req_word, self.codes[T])
+            if not ring:
+                stream_memops.write_value(handle, self.req_word, self.codes[T])
         else:
             rt.enqueue_host_func(job.host_functions()[0], job.address, handle)
         return PendingForward(self, job, T, handle, stream if self.device.type == "cuda" else None)

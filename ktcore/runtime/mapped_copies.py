@@ -54,10 +54,44 @@ def _kernels():
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=offs < n, cache_modifier=".cv"), mask=offs < n)
 
-    return stage, load
+    @triton.jit
+    def wait_load(done_ptr, code, src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+        """One program: spins until the done word holds ``code``, loads y, resets the word."""
+        seen = tl.load(done_ptr, volatile=True)
+        while seen != code:
+            seen = tl.load(done_ptr, volatile=True)
+        after = seen - code  # 0: y's addresses depend on the word, so no load of y is issued earlier
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            y = tl.load(src_ptr + after + offs, mask=offs < n, cache_modifier=".cv")
+            tl.store(dst_ptr + offs, y, mask=offs < n)
+        tl.store(done_ptr, 0)
+
+    @triton.jit
+    def stage_ring(x_ptr, ids_ptr, w_ptr, x_out, ids_out, w_out, n_x, n_pairs, req_ptr, code,
+                   BLOCK: tl.constexpr):
+        """One program: ``stage``'s stores, then (every thread's stores done, a system-wide
+        fence) ``code`` into the doorbell's request word."""
+        for start in range(0, n_x, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + offs, mask=offs < n_x)
+            tl.store(x_out + offs, x.to(x_out.dtype.element_ty), mask=offs < n_x)
+        for p0 in range(0, n_pairs, BLOCK):
+            p = p0 + tl.arange(0, BLOCK)
+            ids = tl.load(ids_ptr + p, mask=p < n_pairs)
+            tl.store(ids_out + p, ids.to(ids_out.dtype.element_ty), mask=p < n_pairs)
+            w = tl.load(w_ptr + p, mask=p < n_pairs)
+            tl.store(w_out + p, w.to(w_out.dtype.element_ty), mask=p < n_pairs)
+        tl.debug_barrier()
+        one = tl.arange(0, 1)
+        fenced = tl.inline_asm_elementwise("fence.sc.sys;\n mov.b32 $0, $1;", "=r,r", [one * 0 + code],
+                                           dtype=tl.int32, is_pure=False, pack=1)
+        tl.store(req_ptr + one, fenced)
+
+    return stage, load, wait_load, stage_ring
 
 
-class _Mapped:
+class Mapped:
     """A device address of page-locked memory as a Triton pointer argument (data_ptr, dtype)."""
 
     def __init__(self, address: int, dtype: torch.dtype):
@@ -67,15 +101,15 @@ class _Mapped:
         return self.address
 
 
-def mapped(t: torch.Tensor) -> _Mapped:
+def mapped(t: torch.Tensor) -> Mapped:
     """The device view of a page-locked CPU tensor's memory."""
     from ktcore.runtime.stream_memops import device_pointer
 
-    return _Mapped(device_pointer(t.data_ptr()), t.dtype)
+    return Mapped(device_pointer(t.data_ptr()), t.dtype)
 
 
-def stage(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, x_pin: _Mapped, ids_pin: _Mapped,
-          w_pin: _Mapped) -> None:
+def stage(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, x_pin: Mapped, ids_pin: Mapped,
+          w_pin: Mapped) -> None:
     """Enqueues on the current stream: x, ids, w (contiguous CUDA tensors; ids int32 or int64,
     x and w floating) into the pinned buffers' first elements, converted to their dtypes."""
     n_x = x.numel()
@@ -83,11 +117,27 @@ def stage(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, x_pin: _Mapped, i
     kernel[(max(1, -(-n_x // _BLOCK)),)](x, ids, w, x_pin, ids_pin, w_pin, n_x, ids.numel(), BLOCK=_BLOCK)
 
 
-def load(y_pin: _Mapped, out: torch.Tensor) -> None:
+def stage_and_ring(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, x_pin: Mapped, ids_pin: Mapped,
+                   w_pin: Mapped, req: Mapped, code: int) -> None:
+    """``stage``, then the kernel itself writes ``code`` into the doorbell's request word
+    (int32, page-locked and mapped) once its stores are visible to the CPU: no stream memory
+    operation (``KTCORE_HOST_RING=kernel``)."""
+    kernel = _kernels()[3]
+    kernel[(1,)](x, ids, w, x_pin, ids_pin, w_pin, x.numel(), ids.numel(), req, int(code), BLOCK=_BLOCK)
+
+
+def load(y_pin: Mapped, out: torch.Tensor) -> None:
     """Enqueues on the current stream: the first ``out.numel()`` elements of the pinned buffer
     into ``out`` (contiguous, its dtype)."""
     n = out.numel()
     _kernels()[1][(max(1, -(-n // _BLOCK)),)](y_pin, out, n, BLOCK=_BLOCK)
+
+
+def wait_load(done: Mapped, code: int, y_pin: Mapped, out: torch.Tensor) -> None:
+    """Enqueues on the current stream one kernel that waits until the doorbell's done word
+    (int32, page-locked and mapped) holds ``code``, loads y as ``load`` does, and sets the word
+    back to 0: the stream's wait, reset and load in one launch (``KTCORE_HOST_WAIT=kernel``)."""
+    _kernels()[2][(1,)](done, int(code), y_pin, out, out.numel(), BLOCK=_BLOCK)
 
 
 @functools.lru_cache(maxsize=None)

@@ -44,13 +44,20 @@ SIGNALS = {"doorbell": "auto", "host nodes": "host-nodes"}
 #: How its data moves: GPU kernels through the mapped pinned buffers (the default where the
 #: probe passes) or memcpys (KTCORE_HOST_COPIES=memcpy).
 COPIES = {"kernels": "auto", "memcpy": "memcpy"}
+#: With both of the defaults, who rings the doorbell and waits for its answer: the stage and
+#: load kernels (the default) or stream memory operations (KTCORE_HOST_RING and
+#: KTCORE_HOST_WAIT=memop); ignored otherwise.
+WAITS = ("kernel", "memop")
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("wait", WAITS)
 @pytest.mark.parametrize("copies", COPIES)
 @pytest.mark.parametrize("signal", SIGNALS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_runner_eager_matches_cpu_op_and_torch_experts(dtype, signal, copies, monkeypatch):
+def test_runner_eager_matches_cpu_op_and_torch_experts(dtype, signal, copies, wait, monkeypatch):
+    monkeypatch.setenv("KTCORE_HOST_WAIT", wait)
+    monkeypatch.setenv("KTCORE_HOST_RING", wait)
     monkeypatch.setenv("KTCORE_HOST_SIGNAL", SIGNALS[signal])
     monkeypatch.setenv("KTCORE_HOST_COPIES", COPIES[copies])
     amx = make("bf16")
@@ -60,10 +67,13 @@ def test_runner_eager_matches_cpu_op_and_torch_experts(dtype, signal, copies, mo
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("wait", WAITS)
 @pytest.mark.parametrize("copies", COPIES)
 @pytest.mark.parametrize("signal", SIGNALS)
 @pytest.mark.parametrize("T", [1, 7])
-def test_graph_capture_replays_cpu_experts_without_python(T, signal, copies, monkeypatch):
+def test_graph_capture_replays_cpu_experts_without_python(T, signal, copies, wait, monkeypatch):
+    monkeypatch.setenv("KTCORE_HOST_WAIT", wait)
+    monkeypatch.setenv("KTCORE_HOST_RING", wait)
     monkeypatch.setenv("KTCORE_HOST_SIGNAL", SIGNALS[signal])
     monkeypatch.setenv("KTCORE_HOST_COPIES", COPIES[copies])
     check_graph_replay(make("int4"), T, PACKAGE, expect_signal=signal, expect_copies=copies)
