@@ -30,6 +30,21 @@ def test_cpu_device_and_setting_choose_the_fallback(available, env, off, monkeyp
         available(torch.device("cpu"))
 
 
+@pytest.mark.parametrize("env", ["KTCORE_HOST_RING", "KTCORE_HOST_WAIT"])
+def test_signalling_from_kernels_setting(env, monkeypatch):
+    """Who rings the doorbell and waits for it (host_experts.in_kernel): the kernels unless
+    set to ``memop``, a clear error for any other value."""
+    from ktcore.runtime.host_experts import in_kernel
+
+    monkeypatch.delenv(env, raising=False)
+    assert in_kernel(env)
+    monkeypatch.setenv(env, "memop")
+    assert not in_kernel(env)
+    monkeypatch.setenv(env, "smoke-signals")
+    with pytest.raises(ValueError, match=env):
+        in_kernel(env)
+
+
 def answer(words: torch.Tensor, code: int, stop: threading.Event) -> None:
     """A watcher in Python: when the request word holds ``code``, clear it and write ``code + 1``
     into the done word."""
