@@ -226,10 +226,7 @@ class HostExpertsRunner:
             if self.mapped is not None:  # the kernel converts while it stores
                 srcs = tuple(t.contiguous() for t in (x, topk_ids, topk_weights))
                 views = self.mapped["x"], self.mapped["ids"], self.mapped["w"]
-                if ring:
-                    mapped_copies.stage_and_ring(*srcs, *views, self.mapped["req"], self.codes[T])
-                else:
-                    mapped_copies.stage(*srcs, *views)
+                mapped_copies.stage(*srcs, *views, ring=(self.mapped["req"], self.codes[T]) if ring else None)
             else:
                 # conversions (when needed) are allocated and run on this stream, so their memory
                 # is not reused before the copies below (enqueued on the same stream) have read it

@@ -14,6 +14,12 @@ kernel's stores are visible to the CPU before the request; a host node runs afte
 has completed. The output is loaded only after the stream's wait for the done word (or the
 wait host node), which the CPU writes after y.
 
+With a doorbell, the kernels can do its signalling themselves (``ktcore.runtime.host_experts.
+in_kernel``): ``stage(..., ring=(req, code))`` writes the request word after its stores, a
+barrier and a system-wide fence; ``wait_load`` spins on the done word (volatile loads through
+the mapping), then loads y at addresses computed from the word's value (so no load of y is
+issued before the word holds the code) and resets the word.
+
 ``available(device)`` probes once per device (eagerly and in a captured graph) that the kernels
 move exact values. ``KTCORE_HOST_COPIES``: ``auto`` (default: kernels where the probe passes),
 ``memcpy`` (never).
@@ -31,16 +37,20 @@ _BLOCK = 1024
 
 @functools.lru_cache(maxsize=1)
 def _kernels():
-    """(stage, load) Triton kernels, compiled on first use (Triton imported lazily)."""
+    """(stage, load, wait_load) Triton kernels, compiled on first use (Triton imported lazily)."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def stage(x_ptr, ids_ptr, w_ptr, x_out, ids_out, w_out, n_x, n_pairs, BLOCK: tl.constexpr):
-        """x [n_x] elements; ids and w [n_pairs] (program 0); each converted to its buffer's type."""
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + offs, mask=offs < n_x)
-        tl.store(x_out + offs, x.to(x_out.dtype.element_ty), mask=offs < n_x)
+    def stage(x_ptr, ids_ptr, w_ptr, x_out, ids_out, w_out, n_x, n_pairs, req_ptr, code,
+              BLOCK: tl.constexpr, RING: tl.constexpr):
+        """x [n_x] elements over the programs; ids and w [n_pairs] (program 0); each converted
+        to its buffer's type. ``RING`` (one program): then, every thread's stores done and a
+        system-wide fence, ``code`` into the doorbell's request word."""
+        for start in range(tl.program_id(0) * BLOCK, n_x, tl.num_programs(0) * BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + offs, mask=offs < n_x)
+            tl.store(x_out + offs, x.to(x_out.dtype.element_ty), mask=offs < n_x)
         if tl.program_id(0) == 0:
             for p0 in range(0, n_pairs, BLOCK):
                 p = p0 + tl.arange(0, BLOCK)
@@ -48,6 +58,12 @@ def _kernels():
                 tl.store(ids_out + p, ids.to(ids_out.dtype.element_ty), mask=p < n_pairs)
                 w = tl.load(w_ptr + p, mask=p < n_pairs)
                 tl.store(w_out + p, w.to(w_out.dtype.element_ty), mask=p < n_pairs)
+        if RING:
+            tl.debug_barrier()
+            one = tl.arange(0, 1)
+            fenced = tl.inline_asm_elementwise("fence.sc.sys;\n mov.b32 $0, $1;", "=r,r", [one * 0 + code],
+                                               dtype=tl.int32, is_pure=False, pack=1)
+            tl.store(req_ptr + one, fenced)
 
     @triton.jit
     def load(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
@@ -67,28 +83,7 @@ def _kernels():
             tl.store(dst_ptr + offs, y, mask=offs < n)
         tl.store(done_ptr, 0)
 
-    @triton.jit
-    def stage_ring(x_ptr, ids_ptr, w_ptr, x_out, ids_out, w_out, n_x, n_pairs, req_ptr, code,
-                   BLOCK: tl.constexpr):
-        """One program: ``stage``'s stores, then (every thread's stores done, a system-wide
-        fence) ``code`` into the doorbell's request word."""
-        for start in range(0, n_x, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            x = tl.load(x_ptr + offs, mask=offs < n_x)
-            tl.store(x_out + offs, x.to(x_out.dtype.element_ty), mask=offs < n_x)
-        for p0 in range(0, n_pairs, BLOCK):
-            p = p0 + tl.arange(0, BLOCK)
-            ids = tl.load(ids_ptr + p, mask=p < n_pairs)
-            tl.store(ids_out + p, ids.to(ids_out.dtype.element_ty), mask=p < n_pairs)
-            w = tl.load(w_ptr + p, mask=p < n_pairs)
-            tl.store(w_out + p, w.to(w_out.dtype.element_ty), mask=p < n_pairs)
-        tl.debug_barrier()
-        one = tl.arange(0, 1)
-        fenced = tl.inline_asm_elementwise("fence.sc.sys;\n mov.b32 $0, $1;", "=r,r", [one * 0 + code],
-                                           dtype=tl.int32, is_pure=False, pack=1)
-        tl.store(req_ptr + one, fenced)
-
-    return stage, load, wait_load, stage_ring
+    return stage, load, wait_load
 
 
 class Mapped:
@@ -109,21 +104,17 @@ def mapped(t: torch.Tensor) -> Mapped:
 
 
 def stage(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, x_pin: Mapped, ids_pin: Mapped,
-          w_pin: Mapped) -> None:
+          w_pin: Mapped, ring: tuple[Mapped, int] | None = None) -> None:
     """Enqueues on the current stream: x, ids, w (contiguous CUDA tensors; ids int32 or int64,
-    x and w floating) into the pinned buffers' first elements, converted to their dtypes."""
+    x and w floating) into the pinned buffers' first elements, converted to their dtypes.
+    ``ring`` ``(req, code)``: then the kernel itself (one program) writes ``code`` into the
+    doorbell's request word (int32, page-locked and mapped) once its stores are visible to the
+    CPU, instead of a stream memory operation (``KTCORE_HOST_RING=kernel``)."""
     n_x = x.numel()
-    kernel = _kernels()[0]
-    kernel[(max(1, -(-n_x // _BLOCK)),)](x, ids, w, x_pin, ids_pin, w_pin, n_x, ids.numel(), BLOCK=_BLOCK)
-
-
-def stage_and_ring(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, x_pin: Mapped, ids_pin: Mapped,
-                   w_pin: Mapped, req: Mapped, code: int) -> None:
-    """``stage``, then the kernel itself writes ``code`` into the doorbell's request word
-    (int32, page-locked and mapped) once its stores are visible to the CPU: no stream memory
-    operation (``KTCORE_HOST_RING=kernel``)."""
-    kernel = _kernels()[3]
-    kernel[(1,)](x, ids, w, x_pin, ids_pin, w_pin, x.numel(), ids.numel(), req, int(code), BLOCK=_BLOCK)
+    req, code = ring if ring is not None else (x_pin, 0)  # without RING, req is never touched
+    programs = 1 if ring is not None else max(1, -(-n_x // _BLOCK))
+    _kernels()[0][(programs,)](x, ids, w, x_pin, ids_pin, w_pin, n_x, ids.numel(), req, int(code),
+                               BLOCK=_BLOCK, RING=ring is not None)
 
 
 def load(y_pin: Mapped, out: torch.Tensor) -> None:

@@ -74,7 +74,7 @@ def test_stage_converts_to_the_buffers_types():
 @pytest.mark.parametrize("captured", [False, True])
 @pytest.mark.parametrize("T,H", [(1, 2048), (3, 1000)])
 def test_kernels_ring_and_wait_for_a_cpu_watcher(captured, T, H):
-    """stage_and_ring + wait_load against a CPU thread playing the doorbell's watcher: when the
+    """stage with ring + wait_load against a CPU thread playing the doorbell's watcher: when the
     request word holds the code, x, ids and weights must already be in the pinned buffers; the
     thread answers 20 ms later with y = 2 x, and the GPU must load that y, not an earlier one,
     and leave the done word at 0; every replay likewise."""
@@ -97,7 +97,7 @@ def test_kernels_ring_and_wait_for_a_cpu_watcher(captured, T, H):
     out = torch.zeros(T, H, dtype=torch.bfloat16, device="cuda")
 
     def step():
-        mapped_copies.stage_and_ring(x, ids, w, views["x"], views["ids"], views["w"], req, code)
+        mapped_copies.stage(x, ids, w, views["x"], views["ids"], views["w"], ring=(req, code))
         mapped_copies.wait_load(done, code, views["y"], out)
 
     if captured:
