@@ -100,7 +100,7 @@ class PendingForward:
         runner's dtype on its device; default: the static ``y_gpu[:T]``); returns it."""
         r = self.runner
         y = r.y_gpu[:self.T] if out is None else out
-        if r.doorbell is not None and r.mapped is not None and in_kernel("KTCORE_HOST_WAIT"):
+        if r.signals_in_kernel("KTCORE_HOST_WAIT"):
             with torch.cuda.stream(self.torch_stream):
                 mapped_copies.wait_load(r.mapped["done"], r.codes[self.T], r.mapped["y"], y)
             return y
@@ -185,6 +185,11 @@ class HostExpertsRunner:
         bell.acquire()
         return bell, "doorbell"
 
+    def signals_in_kernel(self, env: str) -> bool:
+        """Whether this runner's stage or load kernel (``env``: see ``in_kernel``) does the
+        doorbell's signalling: only with a doorbell and mapped copies."""
+        return self.doorbell is not None and self.mapped is not None and in_kernel(env)
+
     def close(self) -> None:
         """Releases the doorbell (its watcher stops with its last user); no forward may be in
         flight, nor captured in a graph that is replayed again. Later forwards use host nodes."""
@@ -221,7 +226,7 @@ class HostExpertsRunner:
         else:
             handle, ctx = int(stream or 0), contextlib.nullcontext()
         job = self.job(T)
-        ring = self.doorbell is not None and self.mapped is not None and in_kernel("KTCORE_HOST_RING")
+        ring = self.signals_in_kernel("KTCORE_HOST_RING")
         with ctx:
             if self.mapped is not None:  # the kernel converts while it stores
                 srcs = tuple(t.contiguous() for t in (x, topk_ids, topk_weights))
