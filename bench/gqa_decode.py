@@ -1,6 +1,7 @@
 """GQA decode attention at the Qwen3-30B-A3B shape (nH 32, nKV 4, D 128, bf16): the
-length-bounded Triton kernel (``torch.ops.ktcore.gqa_decode``) against the torch path it
-replaces (masked attention over the whole static cache, ``ktcore.ops.gqa.cache_attention``),
+length-bounded Triton kernel (``torch.ops.ktcore.gqa_decode``, here without norms and RoPE)
+against the torch path it replaces (the cache write, then masked attention over the whole
+static cache, ``ktcore.ops.gqa.cache_attention``),
 for static caches of 4200 and 32768 slots and several context lengths.
 
 Each path is captured in a CUDA graph that calls it once per copy of the cache, with enough
@@ -108,12 +109,15 @@ def run_case(batch: int, max_len: int, context: int, copy_bw: float, replays: in
     q, caches, positions, lens = make_inputs(batch, max_len, context, copies)
     scale = HEAD_DIM ** -0.5
 
-    def kernel(cache, config=None):
-        if config is None:
-            return gqa_decode.gqa_decode(q, cache.k, cache.v, positions[:, 0], lens, scale)
-        return gqa_decode.launch(q, cache.k, cache.v, positions[:, 0], lens, scale, dict(config))
+    k, v = (torch.randn(batch, N_KV, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+
+    def kernel(cache, config=None):  # the new K/V written, no norm or RoPE
+        args = (q, k, v, cache.k, cache.v, cache.split_counters, positions[:, 0], lens, None, None, None, None,
+                True, 1e-6, scale)
+        return gqa_decode.gqa_decode(*args) if config is None else gqa_decode.launch(*args, dict(config))
 
     def torch_path(cache):
+        cache.write(positions, k[:, None], v[:, None])
         return cache_attention(q[:, None], cache, positions, lens, max_len, scale)[:, 0]
 
     got, want = kernel(caches[0]).float(), torch_path(caches[0]).float()

@@ -11,8 +11,8 @@ The new tokens' roped keys and values are written at ``positions`` (slot = posit
 ``cache_lens[b]`` is the number of valid slots of row ``b`` *after* this write. Token (b, t)
 attends to slots ``s <= positions[b, t]`` and ``s < cache_lens[b]``. With ``static=True``
 (default when ``T == 1``, i.e. decode) attention runs over the whole static cache, masked by
-length: capture-safe (on CUDA a Triton kernel, ``ktcore.ops.gqa_decode``, reads only the
-visible slots). Otherwise (prefill) it runs over the first ``max(cache_lens)`` slots,
+length: capture-safe (on CUDA one Triton kernel, ``ktcore.ops.gqa_decode``, does the
+norms, RoPE, the cache write and the attention, reading only the visible slots). Otherwise (prefill) it runs over the first ``max(cache_lens)`` slots,
 which costs one host synchronisation.
 """
 
@@ -133,13 +133,17 @@ def gqa_spec_from_config(hf_config: Any) -> GQASpec:
 
 
 class KVCache(StaticCache):
-    """Static KV cache of one GQA layer (see ``StaticCache``): k, v [B, S, nKV, D], keys roped."""
+    """Static KV cache of one GQA layer (see ``StaticCache``): k, v [B, S, nKV, D], keys roped;
+    ``split_counters`` int32 [B, nKV], zeros between launches, is the CUDA decode kernel's
+    (``ktcore.ops.gqa_decode``)."""
 
     def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
         tail = (n_kv_heads, head_dim)
         super().__init__(batch, max_len, {"k": tail, "v": tail}, dtype, device,
                          n_kv_heads=n_kv_heads, head_dim=head_dim)
+        self.register_buffer("split_counters", torch.zeros(batch, n_kv_heads, dtype=torch.int32, device=device),
+                             persistent=False)
 
     @classmethod
     def for_spec(cls, spec: GQASpec, batch: int, max_len: int, dtype: torch.dtype = torch.bfloat16,
@@ -232,20 +236,34 @@ class GQAAttention(Operator):
         q = q.reshape(B, T, s.num_heads, D)  # q: [B, T, nH, D]
         k = k.reshape(B, T, nKV, D)  # k: [B, T, nKV, D]
         v = v.reshape(B, T, nKV, D)  # v: [B, T, nKV, D]
-        if s.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(q, k, positions)
-        cache.write(positions, k, v)
-
         cache_lens = cache_lens[:B]
         if static is None:
             static = T == 1
-        if static and T == 1 and x.is_cuda:
-            out = _decode_attention_cuda(q, cache, positions, cache_lens, s.softmax_scale)
+        if static and T == 1 and x.is_cuda:  # norms, RoPE, cache write and attention in one kernel
+            out = self._decode_step_cuda(q, k, v, positions, cache, cache_lens)
         else:
+            if s.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rope(q, k, positions)
+            cache.write(positions, k, v)
             kv_len = cache.max_len if static else max(int(cache_lens.max()), 1)
             out = cache_attention(q, cache, positions, cache_lens, kv_len, s.softmax_scale)
         return self.o_proj(out.reshape(B, T, s.num_heads * D))
+
+    def _decode_step_cuda(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                          cache: KVCache, cache_lens: torch.Tensor) -> torch.Tensor:
+        """The decode step (T == 1) on CUDA by the Triton kernel (``ktcore.ops.gqa_decode``):
+        the new token's raw q [B, 1, nH, D], k, v [B, 1, nKV, D] -> attention output [B, 1, nH, D];
+        its roped K/V are written to the cache, only the visible slots are read."""
+        from ktcore.ops.gqa_decode import gqa_decode  # imports triton: only on this path
+
+        s = self.spec
+        norms = (self.q_norm.weight, self.k_norm.weight) if s.qk_norm else (None, None)
+        eps = self.q_norm.eps if s.qk_norm else 0.0
+        cos, sin, by_position = self.rope.decode_cos_sin(positions[:, 0])
+        out = gqa_decode(q[:, 0], k[:, 0], v[:, 0], cache.k, cache.v, cache.split_counters, positions[:, 0], cache_lens,
+                         *norms, cos, sin, by_position, eps, s.softmax_scale)  # [B, nH, D]
+        return out[:, None]
 
 
 def cache_attention(q: torch.Tensor, cache: KVCache, positions: torch.Tensor, cache_lens: torch.Tensor,
@@ -269,13 +287,3 @@ def cache_attention(q: torch.Tensor, cache: KVCache, positions: torch.Tensor, ca
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # fp32 softmax, as transformers
     out = torch.einsum("bkgts,bskd->btkgd", probs, values)  # [B, T, nKV, G, D]
     return out.reshape(B, T, n_heads, D)
-
-
-def _decode_attention_cuda(q: torch.Tensor, cache: KVCache, positions: torch.Tensor, cache_lens: torch.Tensor,
-                           softmax_scale: float) -> torch.Tensor:
-    """Decode (T == 1) attention on CUDA by the length-bounded Triton kernel: reads only the
-    visible slots of the static cache. q [B, 1, nH, D] -> [B, 1, nH, D]."""
-    from ktcore.ops.gqa_decode import gqa_decode  # imports triton: only on this path
-
-    out = gqa_decode(q[:, 0], cache.k, cache.v, positions[:, 0], cache_lens, softmax_scale)  # [B, nH, D]
-    return out[:, None]  # [B, 1, nH, D]

@@ -353,6 +353,15 @@ class TorchRope(Rope):
         freqs = positions[..., None].float() * inv_freq  # [..., T, R/2]
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 
+    def decode_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """For one new token per row, positions [B]: (cos, sin, by_position) as a kernel reads
+        them: the tables [P, R/2] to index by position (``by_position``), or, for "dynamic",
+        [B, R/2] computed for these positions, one row per batch row."""
+        if self.spec.rope_type != "dynamic":
+            return self.cos_table, self.sin_table, True
+        cos, sin = self.cos_sin(positions[:, None])  # [B, 1, R/2]
+        return cos[:, 0], sin[:, 0], False
+
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

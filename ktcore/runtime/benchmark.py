@@ -73,22 +73,31 @@ class BenchCase:
             raise ValueError(f"BenchCase {self.name}: decode_tokens must be at least 2")
 
 
-#: Every module on the GPU (bf16) but the routed experts: int4 on the CPU with kt-amx.
+#: ``lm_head`` in int8 (group 128) by kt-marlin: llama.cpp's Q4_K_M, the peer's file, holds
+#: ``output.weight`` in Q6_K (6.56 bits a weight), so int8 (8.125) reads more than the peer
+#: does; bf16 would read twice as much (docs/decisions.md, session 11).
+INT8_LM_HEAD = """\
+  - match: {name: '^lm_head$'}
+    replace: {op: linear, backend: marlin, options: {format: int8}}
+"""
+
+#: Every module on the GPU (bf16, lm_head int8) but the routed experts: int4 on the CPU with kt-amx.
 GPU_WITH_AMX_INT4_EXPERTS = """\
 default_device: cuda:0
 rules:
   - match: {module: mlp.experts}
     replace: {op: experts, backend: amx, device: cpu, options: {format: int4}}
-"""
+""" + INT8_LM_HEAD
 
-#: Every module on the GPU (dense GGUF weights dequantised at load) but the routed experts:
-#: on the CPU with kt-llamafile, computing on the GGUF blocks as the file holds them.
+#: Every module on the GPU (dense GGUF weights dequantised at load; lm_head's Q6_K as int8) but
+#: the routed experts: on the CPU with kt-llamafile, computing on the GGUF blocks as the file
+#: holds them.
 GPU_WITH_LLAMAFILE_EXPERTS = """\
 default_device: cuda:0
 rules:
   - match: {module: mlp.experts}
     replace: {op: experts, backend: llamafile, device: cpu}
-"""
+""" + INT8_LM_HEAD
 
 #: The runtime issue's models.
 CASES = {

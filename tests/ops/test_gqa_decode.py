@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 pytest.importorskip("triton", reason="the GQA decode kernel needs triton (pip install triton)")
 
-from ktcore.ops import gqa  # noqa: E402
 from ktcore.ops.gqa import GQAAttention, GQASpec, KVCache, cache_attention  # noqa: E402
-from ktcore.ops.rope import RopeSpec  # noqa: E402
+from ktcore.ops.rmsnorm import RMSNorm  # noqa: E402
+from ktcore.ops.rope import RopeSpec, TorchRope  # noqa: E402
 
 from tests.ops.triton_modules import import_kernels, kernel_device, node_generator  # noqa: E402
 
@@ -43,7 +44,7 @@ def device() -> str:
 @pytest.fixture(scope="module")
 def kernels(device):
     """The module ``ktcore.ops.gqa_decode`` (registers ``torch.ops.ktcore.gqa_decode``)."""
-    return import_kernels("ktcore.ops.gqa_decode", device, "_split_kernel")
+    return import_kernels("ktcore.ops.gqa_decode", device, "_decode_kernel")
 
 
 def random_cache(batch, max_len, n_kv, head_dim, dtype, device, gen) -> KVCache:
@@ -51,6 +52,14 @@ def random_cache(batch, max_len, n_kv, head_dim, dtype, device, gen) -> KVCache:
     cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
     cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
     return cache
+
+
+def twin(cache: KVCache) -> KVCache:
+    """An equal cache of its own memory (the reference's)."""
+    other = KVCache(cache.batch, cache.max_len, cache.k.shape[2], cache.k.shape[3], cache.k.dtype, cache.k.device)
+    other.k.copy_(cache.k)
+    other.v.copy_(cache.v)
+    return other
 
 
 def rows_for(limits: list[int], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,21 +76,89 @@ def rows_for(limits: list[int], max_len: int) -> tuple[torch.Tensor, torch.Tenso
     return torch.tensor(positions)[:, None], torch.tensor(lens)
 
 
-def reference(q: torch.Tensor, cache: KVCache, positions: torch.Tensor, lens: torch.Tensor, scale: float):
-    """The torch path over the whole static cache: [B, nH, D]."""
-    return cache_attention(q[:, None], cache, positions, lens, cache.max_len, scale)[:, 0]
+@dataclass
+class Prep:
+    """What the step does to the new token before attention: the per-head norms (Qwen3) and
+    RoPE, or neither."""
+
+    norms: tuple[RMSNorm, RMSNorm] | None = None
+    rope: TorchRope | None = None
+
+    @classmethod
+    def make(cls, head_dim: int, dtype: torch.dtype, device, gen, norm: bool = True,
+             rope: RopeSpec | None | bool = True) -> "Prep":
+        """``rope``: a spec, True for full-head RoPE over 128 positions, None for none."""
+        norms = None
+        if norm:
+            norms = tuple(RMSNorm(head_dim, 1e-6, device=device, dtype=dtype) for _ in range(2))
+            for n in norms:
+                n.weight.requires_grad_(False).copy_(1 + 0.2 * torch.randn(head_dim, generator=gen))
+        if rope is True:
+            rope = RopeSpec(head_dim, theta=1e4, max_position_embeddings=128)
+        return cls(norms, None if rope is None else TorchRope(rope, device))
+
+    def args(self, positions: torch.Tensor) -> tuple:
+        """The op's q_norm, k_norm, cos, sin, cos_by_position, eps."""
+        norms = (None, None) if self.norms is None else tuple(n.weight for n in self.norms)
+        cos_sin = (None, None, True) if self.rope is None else self.rope.decode_cos_sin(positions[:, 0])
+        return (*norms, *cos_sin, 1e-6)
+
+    def reference(self, q, k, v, cache: KVCache, positions, lens, scale) -> torch.Tensor:
+        """The torch path of GQAAttention on q [B, nH, D], k, v [B, nKV, D]: writes ``cache``,
+        returns [B, nH, D] from attention over the whole static cache."""
+        q, k, v = q[:, None], k[:, None], v[:, None]
+        if self.norms is not None:
+            q, k = self.norms[0](q), self.norms[1](k)
+        if self.rope is not None:
+            q, k = self.rope(q, k, positions)
+        cache.write(positions, k, v)
+        return cache_attention(q, cache, positions, lens, cache.max_len, scale)[:, 0]
 
 
-def check(got: torch.Tensor, want: torch.Tensor, limits: list[int], dtype: torch.dtype) -> None:
+def step(q, k, v, cache, positions, lens, scale, prep: Prep, config=None, kernels=None):
+    """The kernel's step (through the op, or ``kernels.launch`` with ``config``) and the torch
+    path's on a twin cache: (got, want, cache, reference cache)."""
+    theirs = twin(cache)
+    want = prep.reference(q, k, v, theirs, positions, lens, scale)
+    args = (q, k, v, cache.k, cache.v, cache.split_counters, positions[:, 0], lens, *prep.args(positions), scale)
+    got = torch.ops.ktcore.gqa_decode(*args) if config is None else kernels.launch(*args, dict(config))
+    assert (cache.split_counters == 0).all(), "the last program leaves the counters at 0"
+    return got, want, cache, theirs
+
+
+def check(got: torch.Tensor, want: torch.Tensor, limits: list[int], dtype: torch.dtype,
+          cache_dtype: torch.dtype = torch.float32) -> None:
     """Rows of limit 0 (padding rows, discarded by the caller) are zeros here and the mean of
-    the values in the torch path: only finiteness is compared there."""
+    the values in the torch path: only finiteness is compared there. In the interpreter the
+    cache's dtype bounds the error too: the new key is truncated to it there (rounded on the
+    GPU and in torch; emulating the truncation in the torch path brings an fp32 query over a
+    bf16 cache from 5e-3 to 4e-7)."""
     assert got.dtype == want.dtype == dtype and got.shape == want.shape
     assert torch.isfinite(got).all() and torch.isfinite(want).all()
     empty = torch.tensor(limits, device=got.device) == 0
     assert (got[empty] == 0).all()
     got, want = got[~empty].float(), want[~empty].float()
     err = float((got - want).abs().max() / want.abs().max())
-    assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]}"
+    tol = TOL[dtype] if got.is_cuda else max(TOL[dtype], TOL[cache_dtype])
+    assert err <= tol, f"relative error {err:.3g} > {tol}"
+
+
+def check_caches(ours: KVCache, theirs: KVCache, dtype: torch.dtype = torch.float32) -> None:
+    """The new K/V rows as the torch path wrote them, every other slot untouched. fp32 steps
+    (``dtype``) into fp32 caches closely (the logic); else to four ulps of the largest value: the interpreter truncates
+    where the GPU rounds, at each of the norm's and RoPE's three roundings."""
+    for name in ("k", "v"):
+        a, b = getattr(ours, name).float(), getattr(theirs, name).float()
+        atol = 1e-5 if getattr(ours, name).dtype == dtype == torch.float32 else float(b.abs().max()) * 2 ** -6
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=atol, msg=lambda m: f"cache {name}: {m}")
+
+
+def random_step(B, n_heads, n_kv, head_dim, dtype, device, gen):
+    """Raw q [B, nH, D] (scaled up: a peaked softmax), k, v [B, nKV, D]."""
+    q = (2 * torch.randn(B, n_heads, head_dim, generator=gen)).to(device, dtype)
+    k = (2 * torch.randn(B, n_kv, head_dim, generator=gen)).to(device, dtype)
+    v = torch.randn(B, n_kv, head_dim, generator=gen).to(device, dtype)
+    return q, k, v
 
 
 @pytest.mark.parametrize("n_heads, n_kv, head_dim", [
@@ -98,90 +175,145 @@ def check(got: torch.Tensor, want: torch.Tensor, limits: list[int], dtype: torch
     (torch.float32, torch.bfloat16),
     (torch.bfloat16, torch.float32),
 ])
-def test_matches_torch_path(n_heads, n_kv, head_dim, dtype, cache_dtype, kernels, device, request):
+@pytest.mark.parametrize("norm, rope", [(True, True), (False, True), (False, None)])
+def test_matches_torch_path(n_heads, n_kv, head_dim, dtype, cache_dtype, norm, rope, kernels, device, request):
     gen = node_generator(request)
     S = 45  # not a multiple of the interpreter's BLOCK_S (16)
     limits = [0, 1, int(torch.randint(2, S, (1,), generator=gen)), S, 17]
     B = len(limits)
     cache = random_cache(B + 1, S, n_kv, head_dim, cache_dtype, device, gen)  # one cache row unused
-    q = (2 * torch.randn(B, n_heads, head_dim, generator=gen)).to(device, dtype)  # a peaked softmax
+    q, k, v = random_step(B, n_heads, n_kv, head_dim, dtype, device, gen)
     positions, lens = (t.to(device) for t in rows_for(limits, S))
-    scale = head_dim ** -0.5
-    got = torch.ops.ktcore.gqa_decode(q, cache.k, cache.v, positions[:, 0], lens, scale)
-    check(got, reference(q, cache, positions, lens, scale), limits, dtype)
+    prep = Prep.make(head_dim, dtype, device, gen, norm=norm, rope=rope)
+    got, want, ours, theirs = step(q, k, v, cache, positions, lens, head_dim ** -0.5, prep)
+    check(got, want, limits, dtype, cache_dtype)
+    check_caches(ours, theirs, dtype)
+
+
+@pytest.mark.parametrize("rope", [
+    RopeSpec(32, theta=1e4, max_position_embeddings=64),  # half the head rotated, the rest kept
+    RopeSpec(64, theta=1e4, max_position_embeddings=16, rope_type="dynamic", factor=2.0),  # cos/sin per row
+    RopeSpec(16, theta=1e4, max_position_embeddings=64, rope_type="yarn", factor=4.0,
+             original_max_position_embeddings=16),  # an attention factor in the table
+], ids=["partial", "dynamic", "yarn"])
+def test_partial_and_scaled_rope(rope, kernels, device, request):
+    gen = node_generator(request)
+    S, limits = 40, [40, 9, 23]
+    cache = random_cache(3, S, 2, 64, torch.float32, device, gen)
+    q, k, v = random_step(3, 8, 2, 64, torch.float32, device, gen)
+    positions, lens = (t.to(device) for t in rows_for(limits, S))
+    prep = Prep.make(64, torch.float32, device, gen, rope=rope)
+    got, want, ours, theirs = step(q, k, v, cache, positions, lens, 0.125, prep)
+    check(got, want, limits, torch.float32)
+    check_caches(ours, theirs)
 
 
 def test_fp16_and_int32_lengths(kernels, device, request):
     gen = node_generator(request)
     S, limits = 33, [33, 0, 9]
     cache = random_cache(3, S, 2, 64, torch.bfloat16, device, gen)
-    q = torch.randn(3, 8, 64, generator=gen).to(device, torch.float16)
+    q, k, v = random_step(3, 8, 2, 64, torch.float16, device, gen)
     positions, lens = (t.to(device) for t in rows_for(limits, S))
-    got = torch.ops.ktcore.gqa_decode(q, cache.k, cache.v, positions[:, 0], lens.int(), 0.125)
-    check(got, reference(q, cache, positions, lens, 0.125), limits, torch.float16)
+    prep = Prep.make(64, torch.float16, device, gen)
+    got, want, _, _ = step(q, k, v, cache, positions, lens.int(), 0.125, prep)
+    check(got, want, limits, torch.float16, torch.bfloat16)
 
 
 def test_gqa_decode_path(kernels, device, request):
     """GQAAttention's CUDA decode helper (run here on the test device) takes q [B, 1, nH, D],
-    positions [B, 1] and the cache as ``forward`` holds them."""
+    k, v [B, 1, nKV, D], positions [B, 1] and the cache as ``forward`` holds them."""
     gen = node_generator(request)
     S, limits = 40, [40, 0, 11]
-    cache = random_cache(4, S, 2, 64, torch.bfloat16, device, gen)
-    q = torch.randn(3, 1, 8, 64, generator=gen).to(device, torch.bfloat16)
+    spec = GQASpec(256, 8, 2, 32, RopeSpec(32, theta=1e4, max_position_embeddings=S), qk_norm=True)
+    attn = GQAAttention(spec, device)
+    attn.load_weights({n: (1 + 0.1 * torch.randn(s, generator=gen)) if "norm" in n else torch.randn(s, generator=gen)
+                       for n, s in spec.weight_shapes().items()})
+    cache = random_cache(4, S, 2, 32, torch.float32, device, gen)
+    q, k, v = random_step(3, 8, 2, 32, torch.float32, device, gen)
     positions, lens = (t.to(device) for t in rows_for(limits, S))
-    got = gqa._decode_attention_cuda(q, cache, positions, lens, 0.125)
-    assert got.shape == q.shape
-    check(got[:, 0], reference(q[:, 0], cache, positions, lens, 0.125), limits, torch.bfloat16)
+    theirs = twin(cache)
+    got = attn._decode_step_cuda(q[:, None], k[:, None], v[:, None], positions, cache, lens)
+    prep = Prep((attn.q_norm, attn.k_norm), attn.rope)
+    want = prep.reference(q, k, v, theirs, positions, lens, spec.softmax_scale)
+    assert got.shape == (3, 1, 8, 32)
+    check(got[:, 0], want, limits, torch.float32)
+    check_caches(cache, theirs)
 
 
-@pytest.mark.parametrize("splits, block_s", [(1, 16), (2, 16), (5, 16), (4, 32), (16, 16)])
-def test_split_counts(splits, block_s, kernels, device, request):
-    """Runs of whole blocks per split, more splits than blocks, one split for everything."""
+@pytest.mark.parametrize("splits, block_s, min_blocks", [(1, 16, 1), (2, 16, 1), (5, 16, 1), (4, 32, 1), (16, 16, 1),
+                                                       (4, 16, 3)])
+def test_split_counts(splits, block_s, min_blocks, kernels, device, request):
+    """Runs of whole blocks per split, more splits than blocks, one split for everything; a
+    limit of 17 with 16-slot blocks leaves a block holding only the new token's slot. With
+    runs of at least 3 blocks, rows of up to 3 blocks are split 0's alone (no combine) and
+    the 5-block row is cut in two."""
     gen = node_generator(request)
-    S, limits = 70, [70, 3, 0, 33]
-    cache = random_cache(4, S, 2, 64, torch.float32, device, gen)
-    q = torch.randn(4, 8, 64, generator=gen, device="cpu").to(device)
+    S, limits = 70, [70, 3, 0, 33, 17]
+    cache = random_cache(5, S, 2, 64, torch.float32, device, gen)
+    q, k, v = random_step(5, 8, 2, 64, torch.float32, device, gen)
     positions, lens = (t.to(device) for t in rows_for(limits, S))
-    config = dict(BLOCK_S=block_s, SPLITS=splits, num_warps=4, num_stages=1)
-    got = kernels.launch(q, cache.k, cache.v, positions[:, 0], lens, 0.125, config)
-    check(got, reference(q, cache, positions, lens, 0.125), limits, torch.float32)
+    config = dict(BLOCK_S=block_s, SPLITS=splits, MIN_BLOCKS=min_blocks, num_warps=4, num_stages=1)
+    prep = Prep.make(64, torch.float32, device, gen)
+    got, want, ours, theirs = step(q, k, v, cache, positions, lens, 0.125, prep, config, kernels)
+    check(got, want, limits, torch.float32)
+    check_caches(ours, theirs)
 
 
 def test_strided_inputs(kernels, device, request):
-    """A cache view of some rows (``KVCache.rows``) and a query cut from a wider tensor."""
+    """A cache view of some rows (``KVCache.rows``) and q/k/v cut from one wider tensor, as
+    the fused q/k/v projection gives them."""
     gen = node_generator(request)
     S, limits = 20, [20, 7]
     cache = random_cache(4, S, 2, 32, torch.float32, device, gen).rows(1, 3)
-    wide = torch.randn(2, 4, 2 * 32, generator=gen).to(device)
-    q = wide[..., :32]  # [B, nH, D], rows and heads strided
+    qkv = torch.randn(2, (4 + 2 + 2) * 32, generator=gen).to(device)
+    q, k, v = (t.view(2, -1, 32) for t in qkv.split((4 * 32, 2 * 32, 2 * 32), dim=-1))
     positions, lens = (t.to(device) for t in rows_for(limits, S))
-    got = torch.ops.ktcore.gqa_decode(q, cache.k, cache.v, positions[:, 0], lens, 0.2)
-    check(got, reference(q, cache, positions, lens, 0.2), limits, torch.float32)
+    prep = Prep.make(32, torch.float32, device, gen)
+    got, want, ours, theirs = step(q, k, v, cache, positions, lens, 0.2, prep)
+    check(got, want, limits, torch.float32)
+    check_caches(ours, theirs)
 
 
 def test_rejects_bad_shapes(kernels, device):
-    q, cache = torch.zeros(2, 6, 16, device=device), KVCache(2, 8, 4, 16, torch.float32, device)
+    cache = KVCache(2, 8, 4, 16, torch.float32, device)
+    q, kv = torch.zeros(2, 6, 16, device=device), torch.zeros(2, 4, 16, device=device)
     pos = torch.zeros(2, dtype=torch.int64, device=device)
-    with pytest.raises(ValueError, match="does not fit"):
-        torch.ops.ktcore.gqa_decode(q, cache.k, cache.v, pos, pos, 1.0)  # 6 heads over 4 K/V heads
+    none = (None, None, None, None, True, 1e-6, 1.0)
+    with pytest.raises(ValueError, match="does not fit"):  # 6 heads over 4 K/V heads
+        torch.ops.ktcore.gqa_decode(q, kv, kv, cache.k, cache.v, cache.split_counters, pos, pos, *none)
     with pytest.raises(ValueError, match="positions and cache_lens"):
-        torch.ops.ktcore.gqa_decode(q[:, :4], cache.k, cache.v, pos[:1], pos, 1.0)
+        torch.ops.ktcore.gqa_decode(q[:, :4], kv, kv, cache.k, cache.v, cache.split_counters, pos[:1], pos, *none)
+    with pytest.raises(ValueError, match="new k and v"):
+        torch.ops.ktcore.gqa_decode(q[:, :4], kv[:, :2], kv, cache.k, cache.v, cache.split_counters, pos, pos, *none)
+    with pytest.raises(ValueError, match="counters"):
+        torch.ops.ktcore.gqa_decode(q[:, :4], kv, kv, cache.k, cache.v, cache.split_counters.long(), pos, pos, *none)
+    with pytest.raises(ValueError, match="q_norm and k_norm"):
+        torch.ops.ktcore.gqa_decode(q[:, :4], kv, kv, cache.k, cache.v, cache.split_counters, pos, pos,
+                                    torch.ones(16, device=device), None, None, None, True, 1e-6, 1.0)
 
 
 def test_opcheck_and_compile(kernels, device, request):
     gen = node_generator(request)
     cache = random_cache(3, 24, 2, 16, torch.float32, device, gen)
-    q = torch.randn(2, 4, 16, generator=gen).to(device)
+    q, k, v = random_step(2, 4, 2, 16, torch.float32, device, gen)
     positions, lens = torch.tensor([5, 23], device=device), torch.tensor([6, 20], device=device)
-    torch.library.opcheck(torch.ops.ktcore.gqa_decode.default, (q, cache.k, cache.v, positions, lens, 0.25))
+    prep = Prep.make(16, torch.float32, device, gen)
+    torch.library.opcheck(torch.ops.ktcore.gqa_decode.default,
+                          (q, k, v, cache.k, cache.v, cache.split_counters, positions, lens, *prep.args(positions[:, None]),
+                           0.25))
 
-    def step(q, k, v, positions, lens):  # the op among other work compiles without a graph break
-        return torch.ops.ktcore.gqa_decode(q * 2, k, v, positions, lens, 0.25) + 1
+    def decode(q, k, v, kc, vc, counters, positions, lens):  # the op among other work, no graph break
+        return torch.ops.ktcore.gqa_decode(q * 2, k, v, kc, vc, counters, positions, lens,
+                                           *prep.args(positions[:, None]), 0.25) + 1
 
     backend = "inductor" if device == "cuda" else "aot_eager"
-    compiled = torch.compile(step, fullgraph=True, backend=backend)
-    torch.testing.assert_close(compiled(q, cache.k, cache.v, positions, lens), step(q, cache.k, cache.v, positions, lens),
-                               rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(decode, fullgraph=True, backend=backend)
+    theirs = twin(cache)
+    got = compiled(q, k, v, cache.k, cache.v, cache.split_counters, positions, lens)
+    want = decode(q, k, v, theirs.k, theirs.v, theirs.split_counters, positions, lens)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.k, theirs.k, rtol=0, atol=0)  # the compiled step wrote the cache in place
+    torch.testing.assert_close(cache.v, theirs.v, rtol=0, atol=0)
 
 
 def test_gqa_imports_without_triton():
@@ -215,10 +347,12 @@ def test_long_caches_gpu(max_len, dtype, kernels, request):
     limits = [max_len, 64, 4097, 0, 1, 513]
     B, H, D = len(limits), QWEN3_30B["n_heads"], QWEN3_30B["head_dim"]
     cache = random_cache(B, max_len, QWEN3_30B["n_kv"], D, dtype, "cuda", gen)
-    q = (2 * torch.randn(B, H, D, generator=gen)).to("cuda", dtype)
+    q, k, v = random_step(B, H, QWEN3_30B["n_kv"], D, dtype, "cuda", gen)
     positions, lens = (t.cuda() for t in rows_for(limits, max_len))
-    got = torch.ops.ktcore.gqa_decode(q, cache.k, cache.v, positions[:, 0], lens, D ** -0.5)
-    check(got, reference(q, cache, positions, lens, D ** -0.5), limits, dtype)
+    prep = Prep.make(D, dtype, "cuda", gen, rope=RopeSpec(D, theta=1e6, max_position_embeddings=max_len))
+    got, want, ours, theirs = step(q, k, v, cache, positions, lens, D ** -0.5, prep)
+    check(got, want, limits, dtype, dtype)
+    check_caches(ours, theirs, dtype)
 
 
 def qwen3_like_attention(dtype: torch.dtype, max_positions: int, seed: int = 0) -> GQAAttention:
@@ -271,17 +405,21 @@ def test_gqa_attention_decode_gpu(dtype, kernels, request):
 
 @pytest.mark.cuda
 def test_cuda_graph_and_compile_gpu(kernels, request):
-    """The op captured in a CUDA graph replays over new positions and lengths as eager; a
-    GQAAttention decode step compiles with inductor (fullgraph) and matches eager."""
+    """The op captured in a CUDA graph replays over new inputs, positions and lengths as eager
+    (output and cache); a GQAAttention decode step compiles with inductor (fullgraph) and
+    matches eager, the compiled step's cache written in place."""
     gen = node_generator(request)
     dtype, max_len, B = torch.bfloat16, 4200, 3
-    cache = random_cache(B, max_len, QWEN3_30B["n_kv"], QWEN3_30B["head_dim"], dtype, "cuda", gen)
-    q = torch.randn(B, QWEN3_30B["n_heads"], QWEN3_30B["head_dim"], generator=gen).to("cuda", dtype)
+    n_heads, n_kv, D = QWEN3_30B["n_heads"], QWEN3_30B["n_kv"], QWEN3_30B["head_dim"]
+    cache = random_cache(B, max_len, n_kv, D, dtype, "cuda", gen)
+    q, k, v = random_step(B, n_heads, n_kv, D, dtype, "cuda", gen)
     positions = torch.zeros(B, dtype=torch.int64, device="cuda")
     lens = torch.ones(B, dtype=torch.int64, device="cuda")
+    prep = Prep.make(D, dtype, "cuda", gen, rope=RopeSpec(D, theta=1e6, max_position_embeddings=max_len))
 
     def op():
-        return torch.ops.ktcore.gqa_decode(q, cache.k, cache.v, positions, lens, 0.088)
+        return torch.ops.ktcore.gqa_decode(q, k, v, cache.k, cache.v, cache.split_counters, positions, lens,
+                                           *prep.args(positions[:, None]), 0.088)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -295,9 +433,16 @@ def test_cuda_graph_and_compile_gpu(kernels, request):
         pos, new_lens = rows_for(limits, max_len)
         positions.copy_(pos[:, 0])
         lens.copy_(new_lens)
-        q.copy_(torch.randn(q.shape, generator=gen))
+        for t in (q, k, v):
+            t.copy_(torch.randn(t.shape, generator=gen))
+        before = twin(cache)
         graph.replay()
+        replayed = twin(cache)
+        cache.k.copy_(before.k)
+        cache.v.copy_(before.v)
         torch.testing.assert_close(static_out, op(), rtol=0, atol=0)
+        assert torch.equal(cache.k, replayed.k) and torch.equal(cache.v, replayed.v)
+        assert (cache.split_counters == 0).all()
 
     attn = qwen3_like_attention(dtype, 512)
     eager_cache, compiled_cache = prefilled_caches(attn, [100, 37, 0], 512, dtype, gen)
@@ -310,4 +455,5 @@ def test_cuda_graph_and_compile_gpu(kernels, request):
         want = attn(x, step_positions, eager_cache, step_lens)
     err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
     assert err <= TOL[dtype], f"relative error {err:.3g} > {TOL[dtype]}"
-    torch.library.opcheck(torch.ops.ktcore.gqa_decode.default, (q, cache.k, cache.v, positions, lens, 0.088))
+    check_caches(compiled_cache, eager_cache, dtype)
+    assert compiled_cache.k[0, 100].abs().sum() > 0, "the compiled step wrote the new key into its cache"

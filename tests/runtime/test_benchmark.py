@@ -13,6 +13,7 @@ import ktcore
 from ktcore.cli.main import main
 from ktcore.models.presets import make_config
 from ktcore.models.synth import SyntheticWeights
+from ktcore.rules.schema import parse_rules
 from ktcore.runtime import benchmark
 from ktcore.runtime.benchmark import BenchCase, cpu_expert_bytes_per_token, markdown, run_case
 from ktcore.runtime.blocks import ExpertsParts
@@ -47,6 +48,17 @@ def test_run_case_reports_every_figure():
     assert len(sel["runs_tokens_per_s"]) == benchmark.DECODE_RUNS
     table = markdown([result])
     assert "| tiny |" in table and "2 of 4 experts per token" in table and "prefill not streamed" in table
+
+
+@pytest.mark.parametrize("name", sorted(benchmark.CASES))
+def test_the_cases_rules_parse_and_put_lm_head_in_int8(name):
+    """Every shipped case's rule text builds without an error; its last rule makes lm_head a
+    kt-marlin int8 Linear (the peer's GGUF holds it in Q6_K)."""
+    rule_file, errors = parse_rules(benchmark.CASES[name].rules)
+    assert errors == []
+    last = rule_file.rules[-1]
+    assert last.match.name == "^lm_head$"
+    assert (last.replace.op, last.replace.backend, dict(last.replace.options)) == ("linear", "marlin", {"format": "int8"})
 
 
 def test_the_roofline_counts_the_higher_of_the_bandwidth_readings_around_decode(monkeypatch):
